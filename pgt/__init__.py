@@ -1,0 +1,5 @@
+"""PowerGrad Transform (PGT) training suite on timm."""
+from .transform import (PowerGradCrossEntropy, power_grad_cross_entropy, power_transform, stationary_threshold,
+                        target_distribution)
+
+__version__ = '0.1.0'

@@ -1,0 +1,187 @@
+"""The PowerGrad Transform (PGT) as an exact cross-entropy loss.
+
+With logits z of shape [N, C], p = softmax(z) and a target distribution q (one-hot, label-smoothed or mixed), PGT keeps
+the forward pass of cross-entropy, L = -sum_i q_i log p_i, and replaces the gradient reaching the logits (Eq. 6)
+
+    dL/dz_i = p'_i - q_i,        p'_i = p_i^alpha / sum_j p_j^alpha        (Eq. 5),   0 <= alpha <= 1.
+
+Because p_i^alpha = exp(alpha z_i) / (sum_k exp z_k)^alpha, the normaliser cancels and
+
+    p'_i = exp(alpha z_i) / sum_j exp(alpha z_j) = softmax(alpha z)_i,
+
+so p' is computed here from the logits with a stable log-sum-exp, in float32, whatever the autocast dtype.
+
+Why not the published backward hook: it recovers p from the incoming gradient as ``grad / N + q``. The gradient that
+reaches the logits of a mean-reduced loss under a loss scale S is S (p - q) / N, so the hook sees q + S (p - q) / N^2,
+which is p only when S = N^2 (fp16 scaler's initial 2^16 at 256 images per GPU). Anywhere else it transforms the wrong
+distribution or takes a fractional power of a negative number (NaN). This implementation never looks at the incoming
+gradient's value except as the chain-rule factor, so it is exact for every S, N, reduction and precision.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'power_grad_cross_entropy', 'PowerGradCrossEntropy', 'power_transform', 'stationary_threshold',
+    'target_distribution',
+]
+
+_REDUCTIONS = ('mean', 'sum', 'none')
+_SOFT_TARGET_TOLERANCE = 1e-3
+
+
+def _check_alpha(alpha) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f'alpha must be a number in [0, 1], got {alpha!r}') from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f'alpha must be in [0, 1], got {alpha!r}')
+    return value
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, smoothing: float, reduction: str, check_values: bool):
+    if logits.dim() != 2:
+        raise ValueError(f'logits must have shape [N, C], got shape {tuple(logits.shape)}')
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'reduction must be one of {_REDUCTIONS}, got {reduction!r}')
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f'smoothing must be in [0, 1), got {smoothing!r}')
+    n, c = logits.shape
+    if target.dim() == 1:
+        if target.shape[0] != n:
+            raise ValueError(f'target has shape {tuple(target.shape)}, expected [{n}] (class indices) for logits '
+                             f'of shape {tuple(logits.shape)}')
+        if target.is_floating_point():
+            raise ValueError(f'target of shape [N] must hold integer class indices, got dtype {target.dtype}')
+        if check_values and n > 0:
+            low, high = int(target.min()), int(target.max())
+            if low < 0 or high >= c:
+                bad = low if low < 0 else high
+                raise ValueError(f'target holds class index {bad}, outside [0, {c - 1}] for {c} classes')
+    elif target.dim() == 2:
+        if tuple(target.shape) != (n, c):
+            raise ValueError(f'soft target has shape {tuple(target.shape)}, expected {(n, c)} like the logits')
+        if check_values and n > 0:
+            sums = target.double().sum(-1)
+            worst = int((sums - 1).abs().argmax())
+            if abs(float(sums[worst]) - 1) > _SOFT_TARGET_TOLERANCE:
+                raise ValueError(f'soft target row {worst} sums to {float(sums[worst]):.6g}, expected 1 '
+                                 f'(tolerance {_SOFT_TARGET_TOLERANCE})')
+    else:
+        raise ValueError(f'target must have shape [N] (indices) or [N, C] (probabilities), '
+                         f'got shape {tuple(target.shape)}')
+
+
+def target_distribution(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """q in float32: (1 - s) one_hot + s / C for class indices (timm's LabelSmoothingCrossEntropy), or the soft target.
+
+    Built with scatter rather than F.one_hot, which synchronises with the host on CUDA to check the index range.
+    """
+    if target.dim() == 2:
+        return target.float()
+    q = torch.full((target.shape[0], num_classes), smoothing / num_classes, device=target.device, dtype=torch.float32)
+    return q.scatter_add_(1, target.long().unsqueeze(1),
+                          torch.full_like(q[:, :1], 1.0 - smoothing))
+
+
+class _PowerGradCrossEntropy(torch.autograd.Function):
+    """Forward: cross-entropy per sample, reduced. Backward: (softmax(alpha z) - q) times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, q, alpha, reduction):
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        per_sample = -(q * log_p).sum(-1)
+        ctx.save_for_backward(logits, q)
+        ctx.alpha, ctx.reduction = alpha, reduction
+        if reduction == 'mean':
+            return per_sample.mean()
+        if reduction == 'sum':
+            return per_sample.sum()
+        return per_sample
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, q = ctx.saved_tensors
+        # Eq. 5 via p' = softmax(alpha z), Eq. 6: p' - q; float32 whatever the forward precision.
+        grad = torch.softmax(ctx.alpha * logits.float(), dim=-1) - q
+        grad_output = grad_output.float()
+        if ctx.reduction == 'mean':
+            grad = grad * (grad_output / logits.shape[0])
+        elif ctx.reduction == 'sum':
+            grad = grad * grad_output
+        else:
+            grad = grad * grad_output.unsqueeze(-1)
+        return grad.to(logits.dtype), None, None, None
+
+
+def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float, smoothing: float = 0.0,
+                             reduction: str = 'mean', check_targets: bool = True) -> torch.Tensor:
+    """Cross-entropy whose gradient with respect to the logits is the PowerGrad one, p' - q (Eq. 5-6).
+
+    Args:
+        logits: [N, C] in any floating dtype (float16/bfloat16 under autocast included).
+        target: [N] class indices, or [N, C] probabilities (mixup/cutmix output, already smoothed).
+        alpha: the transform's exponent in [0, 1]; 1 is plain cross-entropy, 0 sends the uniform 1/C.
+        smoothing: label smoothing for index targets, q = (1 - s) one_hot + s / C; ignored for soft targets.
+        reduction: 'mean' (over the local batch: DDP then averages over ranks, giving the global mean), 'sum', 'none'.
+        check_targets: check index range and soft-target sums. Each check reads a value back to the host, a
+            synchronisation on CUDA and a graph break under torch.compile; a hot loop may turn it off.
+
+    Returns the cross-entropy value in float32. The backward pass is computed in float32 from the logits and returned
+    in the logits' dtype. alpha == 1 takes PyTorch's own cross-entropy, whose gradient is p - q.
+    """
+    alpha = _check_alpha(alpha)
+    _check_inputs(logits, target, smoothing, reduction, check_targets)
+    if alpha == 1.0:
+        soft = target.dim() == 2
+        return F.cross_entropy(logits.float(), target.float() if soft else target.long(), reduction=reduction,
+                               label_smoothing=0.0 if soft else smoothing)
+    q = target_distribution(target, logits.shape[1], smoothing)
+    return _PowerGradCrossEntropy.apply(logits, q, alpha, reduction)
+
+
+class PowerGradCrossEntropy(torch.nn.Module):
+    """Module form of :func:`power_grad_cross_entropy`; ``alpha`` may be changed between steps (``--pgt-start-epoch``)."""
+
+    def __init__(self, alpha: float, smoothing: float = 0.0, reduction: str = 'mean', check_targets: bool = True):
+        super().__init__()
+        self.alpha = _check_alpha(alpha)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f'smoothing must be in [0, 1), got {smoothing!r}')
+        self.smoothing = smoothing
+        self.reduction = reduction
+        self.check_targets = check_targets
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return power_grad_cross_entropy(logits, target, self.alpha, self.smoothing, self.reduction,
+                                        self.check_targets)
+
+    def extra_repr(self) -> str:
+        return f'alpha={self.alpha}, smoothing={self.smoothing}, reduction={self.reduction!r}'
+
+
+def power_transform(p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 5 on probabilities: p'_i = p_i^alpha / sum_j p_j^alpha along the last dimension."""
+    alpha = _check_alpha(alpha)
+    powered = p.pow(alpha)
+    return powered / powered.sum(-1, keepdim=True)
+
+
+def stationary_threshold(p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Lemma 1 (Eq. 7): t = (sum_j p_j^alpha)^(1 / (alpha - 1)); p_i > t shrinks under Eq. 5, p_i < t grows.
+
+    At alpha = 1 every value is stationary and the formula is 0/0; its limit, exp(sum_j p_j log p_j) = exp(-H(p)),
+    is returned there so that the threshold is continuous in alpha (Theorem 1).
+
+    Near alpha = 1 the direct formula raises a number within rounding of 1 to a huge power. Written as
+    log t = log1p(sum_j (p_j^alpha - p_j)) / (alpha - 1) with p_j^alpha - p_j = p_j expm1((alpha - 1) log p_j)
+    (using sum_j p_j = 1) it keeps full precision for every alpha.
+    """
+    alpha = _check_alpha(alpha)
+    if alpha == 1.0:
+        return torch.exp(torch.special.xlogy(p, p).sum(-1))
+    excess = torch.where(p > 0, p * torch.expm1((alpha - 1.0) * torch.log(p)), p.pow(alpha))
+    return torch.exp(torch.log1p(excess.sum(-1)) / (alpha - 1.0))
+

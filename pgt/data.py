@@ -1,0 +1,226 @@
+"""Input pipelines: ImageNet-layout folders through torchvision with timm's transforms, and synthetic device data.
+
+The loader is built here rather than with timm's ``create_loader`` for two reasons the paper runs need: the training
+sampler must resume mid-epoch at the exact sample position (preemption), and validation must see every image exactly
+once across ranks (timm's distributed evaluation sampler pads with duplicates, which biases top-1 slightly).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+_MAX_WORKER_SLOTS = 256
+
+
+def check_split(data_dir: str | os.PathLike, split: str) -> Path:
+    """The folder ``data_dir/split`` must exist and hold class folders with images; name what is missing."""
+    if not data_dir:
+        raise UsageError('no --data-dir given (an ImageNet-layout folder with train/ and val/)')
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UsageError(f'data directory not found: {root}')
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UsageError(f'{root}: no {split}/ folder (expected {split}/<class>/<image>.JPEG)')
+    classes = [d for d in split_dir.iterdir() if d.is_dir()]
+    if not classes:
+        raise UsageError(f'{split_dir}: no class folders (expected {split}/<class>/<image>.JPEG)')
+    if not any(f.suffix.lower() in IMG_EXTENSIONS for d in classes for f in d.iterdir()):
+        raise UsageError(f'{split_dir}: class folders hold no images ({", ".join(IMG_EXTENSIONS[:3])}, ...)')
+    return split_dir
+
+
+class ImageFolderWithRecovery(ImageFolder):
+    """ImageFolder that survives unreadable files.
+
+    Training (``replace=True``) logs the path and returns the next readable sample instead; validation
+    (``replace=False``) returns a zero image with target -1 so that the evaluation counts it and leaves it out.
+    ``strict=True`` raises DataError naming the file. ``unreadable_count()`` totals the files met so far over all
+    worker processes (one shared-memory slot per worker, so that no two processes write the same number).
+    """
+
+    def __init__(self, root, transform, replace: bool, strict: bool):
+        super().__init__(str(root), transform=transform, allow_empty=True)
+        self.replace, self.strict = replace, strict
+        self._unreadable = torch.zeros(_MAX_WORKER_SLOTS + 1, dtype=torch.int64).share_memory_()
+
+    def unreadable_count(self) -> int:
+        return int(self._unreadable.sum())
+
+    def _count_unreadable(self):
+        info = torch.utils.data.get_worker_info()
+        self._unreadable[0 if info is None else 1 + info.id % _MAX_WORKER_SLOTS] += 1
+
+    def _load(self, index):
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert('RGB')
+        except (OSError, ValueError, SyntaxError) as error:
+            raise DataError(f'cannot read image {path}: {" ".join(str(error).split())}') from None
+        return (self.transform(image) if self.transform else image), target
+
+    def __getitem__(self, key):
+        """``key`` is an index, or (index, seed) from a seeded ShardedSampler: the sample's augmentation then draws
+        from its own generator, so it is the same whichever worker loads it and after any resume."""
+        if isinstance(key, tuple):
+            index, seed = key
+            python_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                try:
+                    return self._get(index)
+                finally:
+                    random.setstate(python_state)
+        return self._get(key)
+
+    def _get(self, index):
+        for attempt in range(len(self.samples)):
+            try:
+                return self._load((index + attempt) % len(self.samples))
+            except DataError as error:
+                if self.strict:
+                    raise
+                self._count_unreadable()
+                log.warning('%s; %s', error, 'using the next image' if self.replace else 'left out of the metrics')
+                if not self.replace:
+                    size = self.transform_size
+                    return torch.zeros(3, size, size), -1
+        raise DataError(f'{self.root}: no readable image')
+
+
+class ShardedSampler(Sampler):
+    """Each rank's share of one epoch's permutation, resumable at any batch.
+
+    The permutation depends only on (seed, epoch), so every rank and every restart sees the same order. Training pads
+    the permutation by repeating its start until it divides by the world size (as DistributedSampler does: each rank
+    then runs the same number of steps); validation (``pad=False``) shards without padding, so that every image is
+    evaluated exactly once over all ranks. ``set_epoch(epoch, skip_batches)`` drops the batches a run already did.
+    With ``seed_samples`` it yields (index, per-sample seed) pairs for ImageFolderWithRecovery.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
+                 pad: bool = True, batch_size: int = 1, seed_samples: bool = False):
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.shuffle, self.seed, self.pad, self.batch_size = shuffle, seed, pad, batch_size
+        self.seed_samples = seed_samples
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.epoch, self.skip = epoch, skip_batches * self.batch_size
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad:
+            total = math.ceil(self.size / self.world_size) * self.world_size
+            order += order[:total - len(order)]
+        return order[self.rank::self.world_size][self.skip:]
+
+    def __iter__(self):
+        indices = self._indices()
+        if self.seed_samples:
+            base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+            return iter([(i, (base + i) % 2 ** 63) for i in indices])
+        return iter(indices)
+
+    def __len__(self):
+        per_rank = math.ceil(self.size / self.world_size) if self.pad else len(range(self.rank, self.size,
+                                                                                       self.world_size))
+        return max(per_rank - self.skip, 0)
+
+
+def build_transform(args, training: bool):
+    """timm's ImageNet transforms with every setting explicit (the paper recipes differ from timm's defaults)."""
+    if training:
+        return create_transform(args.img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
+                                hflip=args.hflip, color_jitter=args.color_jitter or None,
+                                interpolation=args.train_interpolation, mean=IMAGENET_DEFAULT_MEAN,
+                                std=IMAGENET_DEFAULT_STD)
+    return create_transform(args.img_size, is_training=False, interpolation=args.interpolation,
+                            crop_pct=args.crop_pct, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def build_dataset(args, split: str) -> ImageFolderWithRecovery:
+    training = split == 'train'
+    dataset = ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
+                                      replace=training, strict=args.strict_data)
+    dataset.transform_size = args.img_size
+    return dataset
+
+
+@dataclass
+class Loaders:
+    train: object
+    val: object
+    num_classes: int
+    train_dataset: object = None
+    val_dataset: object = None
+
+
+def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+    train_set, val_set = build_dataset(args, 'train'), build_dataset(args, 'val')
+    if train_set.classes != val_set.classes:
+        missing = sorted(set(train_set.classes) ^ set(val_set.classes))[:3]
+        raise UsageError(f'{args.data_dir}: train/ and val/ have different class folders (e.g. {", ".join(missing)})')
+    # The loader's own generator: its worker seeds must not draw from (and so shift) the training RNG stream.
+    common = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
+                  generator=torch.Generator().manual_seed(args.seed))
+    train_sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed, pad=True,
+                                   batch_size=args.batch_size, seed_samples=True)
+    val_sampler = ShardedSampler(len(val_set), rank, world_size, shuffle=False, pad=False)
+    train = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True, **common)
+    val = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
+    if len(train) == 0:
+        raise UsageError(f'{args.data_dir}/train: {len(train_set)} images give no full batch of {args.batch_size} '
+                         f'per rank over {world_size} rank(s)')
+    return Loaders(train, val, len(train_set.classes), train_set, val_set)
+
+
+class SyntheticLoader:
+    """The same random batch ``steps`` times, made on the device: measures the step without any input cost."""
+
+    def __init__(self, batch_size: int, img_size: int, num_classes: int, steps: int, device, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
+        self.targets = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
+        self.steps = steps
+        self.sampler = ShardedSampler(steps * batch_size, batch_size=batch_size, shuffle=False)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield self.images, self.targets
+
+
+def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+    """The seam between train.py and the input backends."""
+    if args.data_backend == 'synthetic':
+        classes = args.num_classes or 1000
+        train = SyntheticLoader(args.batch_size, args.img_size, classes, args.synthetic_steps, device, args.seed)
+        val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
+        return Loaders(train, val, classes)
+    if args.data_backend == 'dali':
+        from .dali import build_dali_loaders
+        return build_dali_loaders(args, rank, world_size, device)
+    return build_torch_loaders(args, rank, world_size, device)

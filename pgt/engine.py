@@ -1,0 +1,218 @@
+"""The training step, one training epoch and evaluation, as plain functions (torchvision references style).
+
+Hot-path rules: no host-device synchronisation inside a step; metrics accumulate in device tensors and are read at
+logging intervals and at the end of the epoch. The gradient scaler is used at every precision because it is
+PyTorch's way to skip an optimizer step whose gradients are not finite, on the device, without a synchronisation
+when the optimizer is fused; at bfloat16 and float32 it starts at scale 1 and only moves after an overflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
+
+from .distributed import all_reduce_sum
+
+
+@dataclass
+class TrainingParts:
+    """What a training step needs, built once by train.py (and by scripts/benchmark.py)."""
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None = None
+    clip_grad: float | None = None
+    clip_mode: str = 'norm'
+    channels_last: bool = False
+    mixup: Callable | None = None
+
+    def autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+
+def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    if amp_dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30)
+
+
+@dataclass
+class EpochMeters:
+    """Running sums of an epoch, kept on the device; saved in recovery checkpoints to resume mid-epoch exactly."""
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: torch.Tensor
+    skipped_steps: torch.Tensor
+    consecutive_skips: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, device):
+        z = lambda dtype: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
+        return cls(z(torch.float64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64))
+
+    def state_dict(self):
+        return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_state(cls, state, device):
+        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})
+
+
+def to_device(images, targets, device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
+
+
+def train_step(parts: TrainingParts, micro_batches, device: torch.device):
+    """One optimizer update over ``micro_batches`` [(images, targets), ...] already on the device (gradient
+    accumulation when there are several). Returns (per-micro-batch losses, logits, total gradient norm); the norm
+    is non-finite exactly when the scaler skips the update."""
+    model, n = parts.model, len(micro_batches)
+    losses, logits_list = [], []
+    for i, (images, targets) in enumerate(micro_batches):
+        # DDP: all-reduce gradients only on the last micro-batch of the update.
+        sync = i == n - 1 or not hasattr(model, 'no_sync')
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with parts.autocast(device):
+                logits = model(images)
+                loss = parts.loss_fn(logits, targets)
+            parts.scaler.scale(loss / n).backward()
+        losses.append(loss.detach())
+        logits_list.append(logits.detach())
+    grad_norm = optimizer_update(parts)
+    return losses, logits_list, grad_norm
+
+
+def optimizer_update(parts: TrainingParts) -> torch.Tensor:
+    parts.scaler.unscale_(parts.optimizer)
+    params = [p for group in parts.optimizer.param_groups for p in group['params'] if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if parts.clip_grad is not None:
+        dispatch_clip_grad(params, parts.clip_grad, mode=parts.clip_mode)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def hard_targets(targets: torch.Tensor) -> torch.Tensor:
+    return targets.argmax(-1) if targets.dim() == 2 else targets
+
+
+@dataclass
+class StepEvent:
+    """Passed to the epoch's ``on_step`` callback after every update."""
+    step: int
+    steps_in_epoch: int
+    meters: EpochMeters
+    logits: torch.Tensor
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    images_per_step: int
+
+
+def train_one_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int, accum_steps: int = 1,
+                    start_step: int = 0, meters: EpochMeters | None = None,
+                    on_step: Callable[[StepEvent], None] | None = None) -> dict:
+    """Train over ``loader`` from update ``start_step`` on; ``on_step`` runs after each update (logging,
+    checkpoints, preemption, diagnostics). Returns the epoch's loss, top-1 (running average over the epoch, as the
+    published logs report), images/s and skipped steps, averaged over ranks."""
+    parts.model.train()
+    meters = meters or EpochMeters.zeros(device)
+    steps_in_epoch = start_step + len(loader) // accum_steps
+    micro, step, images_seen, timer = [], start_step, 0, None
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device, parts.channels_last)
+        hard = targets
+        if parts.mixup is not None:
+            images, targets = parts.mixup(images, targets)
+        micro.append((images, targets, hard))
+        if len(micro) < accum_steps:
+            continue
+        losses, logits, grad_norm = train_step(parts, [(x, y) for x, y, _ in micro], device)
+        finite = torch.isfinite(grad_norm)
+        for loss, out, (x, _, y) in zip(losses, logits, micro):
+            meters.loss_sum += torch.where(finite, loss.double() * y.shape[0], 0.0)
+            meters.correct += torch.where(finite, (out.argmax(-1) == y).sum(), 0)
+            meters.seen += torch.where(finite, y.shape[0], 0)
+        meters.skipped_steps += (~finite).long()
+        meters.consecutive_skips.copy_(torch.where(finite, 0, meters.consecutive_skips + 1))
+        step += 1
+        if timer is None:  # time from the end of the first step: excludes start-up and compilation
+            timer = _synchronized_clock(device)
+        else:
+            images_seen += sum(x.shape[0] for x, _, _ in micro)
+        if on_step is not None:
+            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm,
+                              sum(x.shape[0] for x, _, _ in micro)))
+        micro = []
+    elapsed = _synchronized_clock(device) - timer if timer is not None else 0.0
+    return epoch_metrics(meters, images_seen, elapsed)
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def epoch_metrics(meters: EpochMeters, images_seen: int, elapsed: float) -> dict:
+    totals = torch.stack([meters.loss_sum, meters.correct.double(), meters.seen.double(),
+                          meters.skipped_steps.double()])
+    rate = torch.tensor([images_seen / elapsed if elapsed > 0 else 0.0], dtype=torch.float64, device=totals.device)
+    all_reduce_sum(totals)
+    all_reduce_sum(rate)  # images/s of all ranks together
+    loss_sum, correct, seen, skipped = totals.tolist()
+    return {'loss': loss_sum / seen if seen else math.nan, 'top1': 100.0 * correct / seen if seen else math.nan,
+            'img_per_sec': rate.item(), 'skipped_steps': int(skipped)}
+
+
+def logit_statistic_sums(logits: torch.Tensor) -> torch.Tensor:
+    """Per-image logit statistics summed over the batch (the published code's --logit-stats), float64:
+    [sum ||z||_2, sum |mean_i z_i|, sum |max_i z_i|, sum var_i z_i] (variance over classes, population form)."""
+    z = logits.double()
+    return torch.stack([z.norm(dim=-1).sum(), z.mean(-1).abs().sum(), z.max(-1).values.abs().sum(),
+                        z.var(-1, unbiased=False).sum()])
+
+
+LOGIT_STAT_NAMES = ('logit_norm', 'logit_mean', 'logit_max', 'logit_var')
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> dict:
+    """Cross-entropy, top-1, top-5 and logit statistics over every image of ``loader`` (each rank its shard,
+    summed over ranks). Images the loader could not read carry target -1: counted as ``unreadable``, left out."""
+    model.eval()
+    sums = torch.zeros(9, dtype=torch.float64, device=device)  # loss, top1, top5, n, unreadable, 4 logit stats
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device, channels_last)
+        with autocast:
+            logits = model(images)
+        keep = targets >= 0
+        logits, targets = logits[keep].float(), targets[keep]
+        top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices
+        sums += torch.cat([
+            torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
+                         (top5[:, 0] == targets).sum().double(), (top5 == targets[:, None]).any(-1).sum().double(),
+                         torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
+                         (~keep).sum().double()]),
+            logit_statistic_sums(logits)])
+    loss, top1, top5, n, unreadable, *stats = all_reduce_sum(sums).tolist()
+    result = {'loss': loss / n if n else math.nan, 'top1': 100 * top1 / n if n else math.nan,
+              'top5': 100 * top5 / n if n else math.nan, 'images': int(n), 'unreadable': int(unreadable)}
+    result.update({name: value / n if n else math.nan for name, value in zip(LOGIT_STAT_NAMES, stats)})
+    return result

@@ -1,0 +1,183 @@
+"""train.py and validate.py end to end on the generated tiny set, on the CPU, through their command lines."""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, run_script
+
+SMOKE = ROOT / 'configs' / 'smoke.yaml'
+
+
+def read_summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp('smoke') / 'run'
+    run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', run_dir, check=True)
+    return run_dir
+
+
+def test_smoke_writes_every_artifact(smoke_run):
+    for name in ('summary.csv', 'last.pth', 'best.pth', 'config.yaml'):
+        assert (smoke_run / name).is_file(), name
+    rows = read_summary(smoke_run)
+    assert [int(r['epoch']) for r in rows] == list(range(6))  # 5 epochs + 1 cooldown epoch
+    for row in rows:
+        for key in ('train_loss', 'train_top1', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'train_img_per_sec'):
+            assert math.isfinite(float(row[key])), (key, row)
+
+
+def test_smoke_learns_well_above_chance(smoke_run):
+    # Chance is 10% (10 classes, 80 validation images). The classes differ in hue and stripe angle and the run ends
+    # at or near 100%; a broken label mapping or a model that does not learn stays near 10%, and 80 guesses at 10%
+    # reach 60% with probability below 1e-20, so the bound cannot pass by luck and leaves room for noise.
+    assert float(read_summary(smoke_run)[-1]['eval_top1']) >= 60.0
+
+
+def test_tensorboard_holds_train_and_eval_scalars(smoke_run):
+    events = EventAccumulator(str(smoke_run / 'tb'))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'train/loss', 'train/top1', 'train/lr', 'eval/loss', 'eval/top1', 'eval/top5'} <= tags
+    assert len(events.Scalars('eval/top1')) == 6
+    logged = [float(r['eval_top1']) for r in read_summary(smoke_run)]
+    assert [e.value for e in events.Scalars('eval/top1')] == pytest.approx(logged, abs=1e-4)
+
+
+def test_validate_reproduces_logged_top1_of_best_epoch(smoke_run, tiny_data):
+    result = run_script('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data, '--json',
+                        check=True)
+    metrics = json.loads(result.stdout)
+    rows = read_summary(smoke_run)
+    best_row = rows[metrics['epoch']]
+    assert float(best_row['eval_top1']) == max(float(r['eval_top1']) for r in rows)
+    assert metrics['top1'] == pytest.approx(float(best_row['eval_top1']), abs=1e-6)
+    assert metrics['loss'] == pytest.approx(float(best_row['eval_loss']), rel=1e-5)
+    assert metrics['images'] == 80 and {'top5', 'logit_norm'} <= set(metrics)
+
+
+def test_resolved_config_reproduces_the_run_configuration(smoke_run):
+    result = run_script('train.py', '--config', smoke_run / 'config.yaml', '--dry-run', check=True)
+    again = run_script('train.py', '--config', SMOKE, '--dry-run', check=True)
+    resolved, original = result.stdout.splitlines(), again.stdout.splitlines()
+    differing = set(resolved) ^ set(original)
+    assert all(line.startswith('num_classes') for line in differing), differing  # filled in from the data
+
+
+def test_resume_after_an_epoch_gives_the_same_rows(tiny_data, tmp_path):
+    common = ['--config', SMOKE, '--data-dir', tiny_data, '--epochs', 2, '--cooldown-epochs', 1]
+    run_script('train.py', *common, '--output', tmp_path / 'straight', check=True)
+    run_script('train.py', *common, '--output', tmp_path / 'split', '--stop-after-epoch', 0, check=True)
+    assert len(read_summary(tmp_path / 'split')) == 1
+    run_script('train.py', *common, '--output', tmp_path / 'split', '--resume', 'auto', check=True)
+    straight, split = read_summary(tmp_path / 'straight'), read_summary(tmp_path / 'split')
+    assert len(straight) == len(split) == 3
+    for a, b in zip(straight, split):
+        for key in ('train_loss', 'eval_loss', 'lr'):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (a['epoch'], key)
+        assert a['train_top1'] == b['train_top1'] and a['eval_top1'] == b['eval_top1']
+
+
+def test_two_process_ddp_run(tiny_data, tmp_path):
+    run_dir = tmp_path / 'ddp'
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', 'train.py',
+         '--config', str(SMOKE), '--data-dir', str(tiny_data), '--output', str(run_dir), '--epochs', '1',
+         '--cooldown-epochs', '0', '--global-batch-size', '32', '--workers', '0'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(run_dir)
+    assert len(rows) == 1 and math.isfinite(float(rows[0]['train_loss']))
+    assert int(rows[0]['eval_images']) == 80  # every validation image once over the two ranks, no padding
+    assert not (run_dir / 'summary.csv.1').exists() and len(list(run_dir.glob('*.csv'))) == 1
+
+
+# ---- bad input: exit code 2, one line on stderr, no traceback, nothing already on disk lost
+@pytest.fixture
+def previous_run(tmp_path):
+    """An output folder holding files of an earlier run, which no failing command may change."""
+    folder = tmp_path / 'earlier'
+    folder.mkdir()
+    (folder / 'notes.txt').write_text('keep me')
+    return folder
+
+
+def assert_clean_failure(result, *fragments):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+    error_lines = [line for line in lines if line.startswith('error: ')]
+    assert len(error_lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def unchanged(folder):
+    return sorted(p.name for p in folder.iterdir()) == ['notes.txt'] and (folder / 'notes.txt').read_text() == 'keep me'
+
+
+def test_missing_data_dir(tmp_path, previous_run):
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'nowhere', '--output', previous_run)
+    assert_clean_failure(result, 'data directory not found', 'nowhere')
+    assert (previous_run / 'notes.txt').read_text() == 'keep me'
+
+
+def test_split_without_class_folders(tmp_path, tiny_data):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data / 'train', data / 'train')
+    (data / 'val').mkdir()
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', data, '--output', tmp_path / 'run')
+    assert_clean_failure(result, 'val', 'no class folders')
+
+
+def test_corrupt_jpeg_with_strict_data_names_the_file(tmp_path, tiny_data):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    broken = sorted((data / 'train').glob('*/*.JPEG'))[5]
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated download
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', data, '--output', tmp_path / 'run',
+                        '--epochs', 1, '--strict-data')
+    assert_clean_failure(result, 'cannot read image', broken.name)
+
+
+def test_unknown_model_suggests_close_names(tiny_data, previous_run):
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--model', 'resnet5O',
+                        '--output', previous_run)
+    assert_clean_failure(result, "unknown model 'resnet5O'", 'resnet50')
+    assert unchanged(previous_run)
+
+
+def test_missing_resume_path(tiny_data, tmp_path, previous_run):
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', previous_run,
+                        '--resume', tmp_path / 'gone' / 'last.pth')
+    assert_clean_failure(result, 'checkpoint not found', 'gone')
+    assert unchanged(previous_run) and not (tmp_path / 'gone').exists()
+
+
+def test_global_batch_not_divisible_by_world_size(tiny_data, previous_run):
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', previous_run,
+                        '--global-batch-size', 33, env={'WORLD_SIZE': '2'})
+    assert_clean_failure(result, '--global-batch-size 33', 'world size 2')
+    assert unchanged(previous_run)
+
+
+def test_existing_run_is_not_overwritten(smoke_run, tiny_data):
+    before = {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()}
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', smoke_run)
+    assert_clean_failure(result, 'already holds a run', '--resume auto')
+    assert {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()} == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'nowhere', '--debug')
+    assert result.returncode != 0 and 'Traceback' in result.stderr

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Train an ImageNet classifier with timm, optionally with the PowerGrad Transform (PGT).
+
+    python train.py --config configs/smoke.yaml --data-dir DIR --output RUN
+    torchrun --nproc-per-node 4 train.py --config configs/paper/resnet50-cosine-pgt.yaml --data-dir /imagenet
+
+Reads top to bottom: configuration, data, model, optimizer and schedule, resume, then the epoch loop. The pieces
+live in pgt/; this file only wires them together.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from timm.data import Mixup
+from timm.layers import convert_sync_batchnorm
+
+from pgt import PowerGradCrossEntropy
+from pgt.checkpoint import (find_resume_checkpoint, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
+                            set_rng_state)
+from pgt.config import finalize_args, parse_config, resolved_config, save_config
+from pgt.data import build_loaders
+from pgt.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
+from pgt.engine import EpochMeters, TrainingParts, evaluate, make_scaler, train_one_epoch
+from pgt.errors import Preempted, TrainingDiverged, run_cli
+from pgt.models import check_model_name, create_model
+from pgt.optim import build_optimizer, build_scheduler
+from pgt.preemption import PreemptionFlag
+from pgt.runlog import RunLog, setup_logging
+
+log = logging.getLogger('pgt')
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def main(argv) -> int:
+    # ---- configuration: defaults < recipe < command line, all checked before anything is written
+    args = parse_config(argv)
+    finalize_args(args, world_size=int(os.environ.get('WORLD_SIZE', 1)))
+    check_model_name(args.model)
+    if args.dry_run:
+        print(yaml.safe_dump(resolved_config(args), sort_keys=False), end='')
+        return 0
+    resume = None
+    if args.resume not in (None, 'auto'):
+        resume = (Path(args.resume), load_checkpoint(args.resume))
+    env = init_distributed()
+    setup_logging(env.is_main)
+    if args.output is None:
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        args.output = broadcast_object(str(Path(args.resume).parent) if resume else f'runs/{args.model}-{stamp}')
+    run_dir = Path(args.output)
+    if env.is_main:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+    barrier()
+    if args.resume == 'auto':
+        resume = find_resume_checkpoint(run_dir)
+        log.info('resuming from %s', resume[0]) if resume else log.info('no checkpoint in %s: new run', run_dir)
+
+    torch.manual_seed(args.seed + env.rank)
+    random.seed(args.seed + env.rank)
+    np.random.seed(args.seed + env.rank)
+    if env.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+    # ---- data and model
+    loaders = build_loaders(args, env.rank, env.world_size, env.device)
+    num_classes = args.num_classes or loaders.num_classes
+    args.num_classes = num_classes
+    model = create_model(args.model, num_classes=num_classes)
+    if args.sync_bn and env.distributed:
+        model = convert_sync_batchnorm(model)
+    model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args, env.device)
+    steps_per_epoch = len(loaders.train) // args.grad_accum_steps
+    scheduler, num_epochs = build_scheduler(optimizer, args, steps_per_epoch)
+    amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp else None
+    scaler = make_scaler(env.device, amp_dtype)
+
+    trained = model
+    if env.distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
+    if args.torchcompile:
+        trained = torch.compile(trained, backend=args.torchcompile)
+    alpha = args.pgt_alpha if args.pgt_alpha is not None else 1.0
+    # Target checks read values back to the host: keep them off the GPU hot path (CUDA asserts on bad indices).
+    loss_fn = PowerGradCrossEntropy(alpha, args.smoothing, check_targets=env.device.type != 'cuda')
+    mixup = None
+    if args.mixup or args.cutmix:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+    parts = TrainingParts(trained, loss_fn, optimizer, scaler, amp_dtype, args.clip_grad, args.clip_mode,
+                          args.channels_last, mixup)
+
+    # ---- resume: the same trajectory as if the run had never stopped
+    start_epoch, start_step, meters, best = 0, 0, None, {'top1': -1.0, 'epoch': -1}
+    if resume:
+        state = resume[1]
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch, start_step, best = state['epoch'], state['step'], state['best']
+        meters = EpochMeters.from_state(state['meters'], env.device) if state.get('meters') else None
+        set_rng_state(state['rng'][env.rank] if env.rank < len(state['rng']) else state['rng'][0])
+
+    def checkpoint_state(epoch, step, epoch_meters):
+        """Everything to continue from (epoch, step); RNG states of every rank."""
+        states = [rng_state()]
+        if env.distributed:
+            states = [None] * env.world_size
+            torch.distributed.all_gather_object(states, rng_state())
+        return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict() if scheduler else None, 'scaler': scaler.state_dict(),
+                'epoch': epoch, 'step': step, 'best': dict(best), 'rng': states,
+                'meters': epoch_meters.state_dict() if epoch_meters is not None else None,
+                'args': resolved_config(args), 'num_classes': num_classes, 'model_name': args.model}
+
+    runlog = RunLog(run_dir, env.is_main, start_epoch)
+    if env.is_main:
+        save_config(args, run_dir / 'config.yaml')
+    preemption = PreemptionFlag().install()
+
+    # ---- the epoch loop
+    for epoch in range(start_epoch, num_epochs):
+        if scheduler is not None:
+            scheduler.step(epoch)
+        loss_fn.alpha = alpha if epoch >= args.pgt_start_epoch else 1.0
+        skip = start_step if epoch == start_epoch else 0
+        loaders.train.sampler.set_epoch(epoch, skip * args.grad_accum_steps)
+        runlog.start_epoch(epoch, num_epochs, steps_per_epoch, skip)
+        reported_skips = [0]
+        unreadable_before = loaders.train_dataset.unreadable_count() if loaders.train_dataset else 0
+
+        def on_step(event, epoch=epoch):
+            global_step = epoch * steps_per_epoch + event.step
+            if args.sched_on_updates and scheduler is not None:
+                scheduler.step_update(global_step)
+            scalars = None
+            if event.step % args.log_interval == 0 or event.step == event.steps_in_epoch:
+                scalars = {'loss': event.loss.item(), 'lr': optimizer.param_groups[0]['lr'],
+                           'grad_norm': event.grad_norm.item()}
+                check_skips(event.meters, reported_skips, args.max_skipped_steps, epoch, event.step)
+            runlog.step(global_step, event.step, scalars)
+            stop = preemption.requested()
+            if stop or (args.recovery_interval and event.step % args.recovery_interval == 0
+                        and event.step < event.steps_in_epoch):
+                state = checkpoint_state(epoch, event.step, event.meters)
+                if env.is_main:
+                    save_checkpoint(state, run_dir / 'recovery.pth')
+                if stop:
+                    barrier()
+                    raise Preempted(f'{preemption.signal_name or "signal"} at epoch {epoch} step {event.step}: '
+                                    f'recovery checkpoint in {run_dir}; continue with --resume auto')
+
+        train_metrics = train_one_epoch(parts, loaders.train, env.device, epoch, args.grad_accum_steps,
+                                        skip, meters if epoch == start_epoch else None, on_step)
+        if loaders.train_dataset is not None:
+            unreadable = torch.tensor([loaders.train_dataset.unreadable_count() - unreadable_before])
+            train_metrics['unreadable'] = int(all_reduce_sum(unreadable.to(env.device)).item())
+        eval_metrics = evaluate(trained, loaders.val, env.device, amp_dtype, args.channels_last)
+        lr = optimizer.param_groups[0]['lr']
+        runlog.end_epoch(epoch, train_metrics, eval_metrics, lr)
+        is_best = eval_metrics['top1'] > best['top1']
+        if is_best:
+            best.update(top1=eval_metrics['top1'], epoch=epoch)
+        state = checkpoint_state(epoch + 1, 0, None)
+        if env.is_main:
+            save_checkpoint(state, run_dir / 'last.pth')
+            if is_best:
+                save_checkpoint(state, run_dir / 'best.pth')
+            if args.checkpoint_interval and (epoch + 1) % args.checkpoint_interval == 0:
+                save_checkpoint(state, run_dir / f'epoch_{epoch + 1}.pth')
+        if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch and epoch + 1 < num_epochs:
+            log.info('stopping after epoch %d as asked (--stop-after-epoch); continue with --resume auto', epoch)
+            break
+    runlog.close()
+    if best['epoch'] >= 0:
+        log.info('best eval top-1 %.2f at epoch %d; run directory %s', best['top1'], best['epoch'], run_dir)
+    barrier()
+    shutdown()
+    return 0
+
+
+def check_skips(meters: EpochMeters, reported: list, limit: int, epoch: int, step: int) -> None:
+    """Log newly skipped steps (non-finite loss or gradient); stop after ``limit`` consecutive ones."""
+    skipped, consecutive = int(meters.skipped_steps), int(meters.consecutive_skips)
+    if skipped > reported[0]:
+        log.warning('epoch %d step %d: %d step(s) skipped so far this epoch (non-finite loss or gradients)',
+                    epoch, step, skipped)
+        reported[0] = skipped
+    if consecutive >= limit:
+        raise TrainingDiverged(f'{consecutive} consecutive steps with a non-finite loss or gradient at epoch {epoch} '
+                               f'step {step} (limit --max-skipped-steps {limit}); the last good checkpoint is kept')
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint written by train.py: top-1, top-5, loss and logit statistics on an ImageFolder split.
+
+    python validate.py --checkpoint RUN/best.pth --data-dir DIR [--split val] [--json]
+
+The evaluation transform (image size, crop fraction, interpolation) and the model come from the checkpoint's own
+configuration, so the numbers match what train.py logged for that epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import DataLoader
+
+from pgt.checkpoint import load_checkpoint
+from pgt.data import ShardedSampler, build_dataset
+from pgt.distributed import init_distributed, shutdown
+from pgt.engine import evaluate
+from pgt.errors import UsageError, run_cli
+from pgt.models import create_model
+from pgt.runlog import setup_logging
+
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--data-dir', required=True)
+    p.add_argument('--split', default='val')
+    p.add_argument('--batch-size', type=int, default=None, help='default: the training per-GPU batch')
+    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: as in training, with the training's --amp-dtype)")
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
+    p.add_argument('--debug', action='store_true')
+    return p.parse_args(argv)
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    env = init_distributed()
+    setup_logging(env.is_main)
+    state = load_checkpoint(args.checkpoint)
+    if 'args' not in state:
+        raise UsageError(f'{args.checkpoint}: no training configuration inside; was it written by train.py?')
+    train_args = SimpleNamespace(**state['args'])
+    data_args = SimpleNamespace(data_dir=args.data_dir, img_size=train_args.img_size, crop_pct=train_args.crop_pct,
+                                interpolation=train_args.interpolation, strict_data=False)
+    dataset = build_dataset(data_args, args.split)
+    if len(dataset.classes) != state['num_classes']:
+        raise UsageError(f'{args.data_dir}/{args.split}: {len(dataset.classes)} class folders, the checkpoint was '
+                         f'trained on {state["num_classes"]} classes')
+    batch_size = args.batch_size or train_args.batch_size
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,
+                        sampler=ShardedSampler(len(dataset), env.rank, env.world_size, shuffle=False, pad=False),
+                        pin_memory=env.device.type == 'cuda')
+    model = create_model(state['model_name'], num_classes=state['num_classes'])
+    model.load_state_dict(state['model'])
+    model.to(env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    use_amp = train_args.amp if args.amp is None else args.amp
+    amp_dtype = AMP_DTYPES[train_args.amp_dtype] if use_amp else None
+    result = evaluate(model, loader, env.device, amp_dtype, args.channels_last)
+    result.update(checkpoint=str(args.checkpoint), epoch=state['epoch'] - 1, model=state['model_name'],
+                  pgt_alpha=getattr(train_args, 'pgt_alpha', None))
+    if env.is_main:
+        print(json.dumps(result) if args.json else format_table(result))
+    shutdown()
+    return 0
+
+
+def format_table(result: dict) -> str:
+    width = max(map(len, result))
+    return '\n'.join(f'{k:<{width}}  {v:.4f}' if isinstance(v, float) else f'{k:<{width}}  {v}'
+                     for k, v in result.items())
+
+
+if __name__ == '__main__':
+    run_cli(main, sys.argv[1:])

@@ -27,3 +27,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args, updates_per_epoch: i
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
     return scheduler, num_epochs
 
+
+
+def total_epochs(args) -> int:
+    """Epochs a configuration runs (timm adds cooldown epochs to the cosine cycle), without building a model."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    return build_scheduler(probe, args, updates_per_epoch=1)[1]

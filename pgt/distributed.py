@@ -26,7 +26,11 @@ class DistEnv:
 
 
 def init_distributed() -> DistEnv:
-    """One process per GPU under torchrun (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPUs."""
+    """One process per GPU under torchrun (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    On GPUs the default group has two backends, NCCL for CUDA tensors and gloo for CPU tensors, so that small
+    control messages (the preemption flag, every step) travel on the CPU without a GPU synchronisation.
+    """
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     if torch.cuda.is_available():
@@ -35,9 +39,19 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device('cpu')
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=30),
+        dist.init_process_group('cpu:gloo,cuda:nccl' if device.type == 'cuda' else 'gloo',
+                                store=_attempt_store(rank, world_size), rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=30),
                                 device_id=device if device.type == 'cuda' else None)
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def _attempt_store(rank: int, world_size: int):
+    """torchrun's store with a prefix of its own for each restart attempt (--max-restarts). Without it, ranks of a
+    restarted attempt were seen to read the peer addresses of the attempt that crashed and fail to connect."""
+    from torch.distributed.rendezvous import rendezvous
+    store, _, _ = next(rendezvous('env://', rank, world_size, timeout=timedelta(minutes=30)))
+    return dist.PrefixStore(f'pgt/attempt_{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}', store)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

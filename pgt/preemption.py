@@ -16,22 +16,19 @@ _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class PreemptionFlag:
     def __init__(self):
         self.signal_name = None
-        self._group = None
 
     def install(self):
         for sig in _SIGNALS:
             signal.signal(sig, self._handle)
-        if dist.is_available() and dist.is_initialized():
-            # A CPU group for the flag: agreeing on it every step then needs no GPU synchronisation.
-            self._group = dist.new_group(backend='gloo')
         return self
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        """True on every rank as soon as any rank got a signal."""
+        """True on every rank as soon as any rank got a signal. The flag is a CPU tensor: the default group reduces
+        it with gloo (pgt.distributed), so agreeing on it every step costs no GPU synchronisation."""
         flag = torch.tensor([1 if self.signal_name else 0])
-        if self._group is not None:
-            dist.all_reduce(flag, group=self._group)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag)
         return bool(flag.item())

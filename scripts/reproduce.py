@@ -29,24 +29,18 @@ SLURM_TEMPLATE = '''#!/usr/bin/env bash
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --cpus-per-task={cpus}
 #SBATCH --time={time}
-#SBATCH --signal=USR1@300
+#SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output={runs_dir}/slurm-%A_%a.out
-# Written by scripts/reproduce.py: one array task per run. SLURM sends USR1 five minutes before the time limit;
-# train.py then writes a recovery checkpoint and exits with 75, and the task requeues itself to resume.
+# Written by scripts/reproduce.py: one array task per run. scripts/slurm_step.sh turns SLURM's warning signal into a
+# recovery checkpoint (train.py exits 75) and requeues the task, which resumes with --resume auto.
 set -uo pipefail
 cd {root}
 commands=(
 {commands}
 )
-srun bash -c "${{commands[$SLURM_ARRAY_TASK_ID]}}" &
-wait $!
-status=$?
-if [ "$status" -eq 75 ]; then
-    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
-fi
-exit "$status"
+eval "exec bash scripts/slurm_step.sh ${{commands[$SLURM_ARRAY_TASK_ID]}}"
 '''
 
 

@@ -78,3 +78,9 @@ def test_resolved_config_round_trips(tmp_path):
     args = parse_config(['--lr', '0.3', '--model', 'resnet18', '--pgt-alpha', '0.25'])
     saved = write(tmp_path / 'config.yaml', resolved_config(args))
     assert vars(parse_config(['--config', str(saved)])) == {**vars(args), 'config': str(saved)}
+
+
+@pytest.mark.parametrize('value', ['1.5', '-0.1', 'nan'])
+def test_alpha_outside_unit_interval_is_rejected_before_the_run(value):
+    with pytest.raises(UsageError, match=r'--pgt-alpha must be in \[0, 1\]'):
+        finalize_args(parse_config(['--pgt-alpha', value]), world_size=1)

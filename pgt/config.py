@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, help='threshold (norm, value) or clip factor (agc)')
     g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
     _bool_flag(g, '--amp', 'mixed precision')
-    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--amp-dtype', default='auto', choices=('auto', 'float16', 'bfloat16'),
+                   help='auto: bfloat16 where the device supports it, else float16')
 
     g = p.add_argument_group('schedule')
     g.add_argument('--sched', default='cosine', choices=('cosine', 'step', 'multistep', 'constant', 'none'))
@@ -236,6 +237,10 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             raise UsageError(f'--global-batch-size {args.global_batch_size} is not divisible by world size '
                              f'{world_size} x grad-accum-steps {args.grad_accum_steps}')
         args.batch_size = args.global_batch_size // per_update
+    if args.amp_dtype == 'auto':
+        import torch
+        cuda_without_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+        args.amp_dtype = 'float16' if cuda_without_bf16 else 'bfloat16'
     if args.pgt_alpha is not None and not 0.0 <= args.pgt_alpha <= 1.0:
         raise UsageError(f'--pgt-alpha must be in [0, 1], got {args.pgt_alpha}')
     for name in ('batch_size', 'grad_accum_steps', 'epochs', 'log_interval', 'max_skipped_steps'):

@@ -1,0 +1,141 @@
+"""NVIDIA DALI input pipelines (``--data-backend dali``): JPEG decoding on the GPU (nvJPEG and the hardware decoder,
+``--dali-device gpu``) or on the CPU (``--dali-device cpu``; also the only mode on a machine without CUDA).
+
+The same data as the torch backend: labels from torchvision's ImageFolder scan of the same tree (sorted class
+folders), so checkpoints move between backends; training random-resized-crop (``--scale``, ``--ratio``), resize to
+``--img-size`` with linear interpolation, horizontal flip ``--hflip``, ImageNet normalisation; evaluation resize of the
+shorter side to img_size / crop_pct and a centre crop. Two differences to know: DALI always uses linear
+interpolation and no colour jitter (the published pipeline's choices, which the paper recipes also set), and exact
+mid-epoch resume is a property of the torch backend only (DALI's reader order is not restartable at a sample).
+
+Sharding: the file list is padded by repeating its first files until it divides by the world size (as the torch
+backend's sampler does), so every rank gets a shard of the same length and runs the same number of steps; the reader
+shuffles the whole list with the run's seed every epoch (``shuffle_after_epoch``) before sharding. Validation is not
+padded: shards partition the list and the last partial batch is kept, so every image is evaluated exactly once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.datasets import ImageFolder
+
+from .data import Loaders, check_split
+from .errors import UsageError
+
+INSTALL_HINT = ('pip install -r requirements-dali.txt (nvidia-dali-cuda130 for CUDA 13, nvidia-dali-cuda120 for '
+                'CUDA 12)')
+
+
+def _import_dali():
+    try:
+        from nvidia import dali  # noqa: F401
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
+    except ImportError:
+        raise UsageError(f'--data-backend dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}') from None
+    return fn, pipeline_def, types, DALIClassificationIterator, LastBatchPolicy
+
+
+def image_list(data_dir, split: str) -> tuple[list[str], list[int], int]:
+    """Files and labels exactly as torchvision's ImageFolder assigns them."""
+    folder = ImageFolder(str(check_split(data_dir, split)), allow_empty=True)
+    files, labels = zip(*folder.samples) if folder.samples else ((), ())
+    return list(files), list(labels), len(folder.classes)
+
+
+def pad_to_multiple(files: list, labels: list, world_size: int) -> tuple[list, list]:
+    total = math.ceil(len(files) / world_size) * world_size
+    extra = total - len(files)
+    return files + files[:extra], labels + labels[:extra]
+
+
+def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, gpu: bool, device_id):
+    fn, pipeline_def, types, _, _ = _import_dali()
+    mean = [255 * m for m in IMAGENET_DEFAULT_MEAN]
+    std = [255 * s for s in IMAGENET_DEFAULT_STD]
+    fp16 = getattr(args, 'amp', False) and getattr(args, 'amp_dtype', 'float16') == 'float16'
+    out_dtype = types.FLOAT16 if fp16 else types.FLOAT  # DALI has no bfloat16: autocast casts float32 inputs
+    layout = 'HWC' if getattr(args, 'channels_last', False) else 'CHW'
+    decoder_device = 'mixed' if gpu else 'cpu'
+
+    @pipeline_def
+    def pipeline():
+        jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                                       shuffle_after_epoch=training, seed=args.seed, pad_last_batch=True,
+                                       name='Reader')
+        size = args.img_size
+        if training:
+            extra = {'hw_decoder_load': 0.99} if gpu else {}  # the A100/H100 hardware JPEG decoder takes most
+            images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
+                                                   random_area=list(args.scale), random_aspect_ratio=list(args.ratio),
+                                                   num_attempts=10, **extra)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
+                               antialias=False)
+            mirror = fn.random.coin_flip(probability=args.hflip)
+            images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout=layout, mean=mean, std=std,
+                                              mirror=mirror)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=math.floor(size / args.crop_pct),
+                               interp_type=types.INTERP_LINEAR)
+            images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout=layout, crop=(size, size),
+                                              crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)
+        return images, label
+
+    threads = max(1, getattr(args, 'workers', 4))
+    pipe = pipeline(batch_size=args.batch_size, num_threads=threads, device_id=device_id,
+                    seed=args.seed * 1000 + shard_id, prefetch_queue_depth=2)
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """A DALI pipeline behind the interface train.py expects of a loader: ``len``, ``sampler.set_epoch`` and
+    (images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank."""
+
+    def __init__(self, pipe, training: bool, steps: int | None):
+        *_, iterator_cls, policy = _import_dali()
+        self.iterator = iterator_cls(pipe, reader_name='Reader', auto_reset=True,
+                                     last_batch_policy=policy.DROP if training else policy.PARTIAL)
+        self.steps = steps if steps is not None else len(self.iterator)
+        self.skip = 0
+        self.sampler = self  # train.py calls loader.sampler.set_epoch(epoch, skip_batches)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.skip = skip_batches
+
+    def __len__(self):
+        return self.steps - self.skip
+
+    def __iter__(self):
+        for i, batch in enumerate(self.iterator):
+            if self.skip <= i < self.steps:  # the reader must reach the end of its epoch before it can restart
+                images, labels = batch[0]['data'], batch[0]['label']
+                if images.dim() == 4 and images.shape[-1] == 3:  # HWC: an NCHW view with channels-last strides
+                    images = images.permute(0, 3, 1, 2)
+                yield images, labels.squeeze(-1).long()
+        self.skip = 0
+
+
+def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+    gpu = (args.dali_device or ('gpu' if torch.cuda.is_available() else 'cpu')) == 'gpu'
+    if gpu and not torch.cuda.is_available():
+        raise UsageError('--dali-device gpu needs CUDA, and none is available; use --dali-device cpu')
+    _import_dali()
+    device_id = device.index if device.type == 'cuda' else None  # None: DALI's CPU-only mode
+    train_files, train_labels, classes = image_list(args.data_dir, 'train')
+    val_files, val_labels, val_classes = image_list(args.data_dir, 'val')
+    if classes != val_classes:
+        raise UsageError(f'{args.data_dir}: train/ has {classes} class folders, val/ has {val_classes}')
+    train_files, train_labels = pad_to_multiple(train_files, train_labels, world_size)
+    steps = len(train_files) // world_size // args.batch_size
+    if steps == 0:
+        raise UsageError(f'{args.data_dir}/train: {len(train_files)} images give no full batch of '
+                         f'{args.batch_size} per rank over {world_size} rank(s)')
+    train = DaliLoader(_build_pipeline(True, train_files, train_labels, args, rank, world_size, gpu, device_id),
+                       training=True, steps=steps)
+    val = DaliLoader(_build_pipeline(False, val_files, val_labels, args, rank, world_size, gpu, device_id),
+                     training=False, steps=None)
+    return Loaders(train, val, classes)

@@ -1,0 +1,130 @@
+"""The DALI backend in CPU mode (device_id=None): the same labels, images and sharding as the torch backend."""
+import csv
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script
+from pgt.data import build_transform
+from pgt.errors import UsageError
+
+dali = pytest.importorskip('nvidia.dali', reason='NVIDIA DALI is optional (requirements-dali.txt)')
+from pgt.dali import build_dali_loaders  # noqa: E402
+
+SMOKE = ROOT / 'configs' / 'smoke.yaml'
+
+
+def dali_args(data_dir, **overrides):
+    base = dict(data_dir=str(data_dir), dali_device='cpu', batch_size=8, workers=2, seed=0, img_size=32,
+                crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear', scale=[0.08, 1.0],
+                ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, amp=False, amp_dtype='float16',
+                channels_last=False)
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def labels_of(loader):
+    return [label for _, labels in loader for label in labels.tolist()]
+
+
+def test_labels_equal_imagefolder(tiny_data):
+    from torchvision.datasets import ImageFolder
+    loaders = build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu'))
+    assert labels_of(loaders.val) == ImageFolder(str(tiny_data / 'val')).targets  # same files, same order
+    assert sorted(labels_of(loaders.train)) == sorted(ImageFolder(str(tiny_data / 'train')).targets)
+    assert loaders.num_classes == 10
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_training_batch_shape_dtype_layout_and_range(tiny_data, channels_last):
+    loader = build_dali_loaders(dali_args(tiny_data, channels_last=channels_last), 0, 1, torch.device('cpu')).train
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert -3.0 < images.min() and images.max() < 3.0  # normalised: (x/255 - mean) / std lies in about [-2.2, 2.7]
+
+
+def test_validation_pixels_match_the_torchvision_pipeline(tiny_data):
+    """Same decode, resize to 256/224 of the size, centre crop and normalisation as timm's eval transform."""
+    from torchvision.datasets import ImageFolder
+    images, _ = next(iter(build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val))
+    samples = ImageFolder(str(tiny_data / 'val')).samples[:8]
+    transform = build_transform(dali_args(tiny_data), training=False)
+    reference = torch.stack([transform(Image.open(path).convert('RGB')) for path, _ in samples])
+    per_channel = (images.mean((0, 2, 3)) - reference.mean((0, 2, 3))).abs()
+    assert per_channel.max() < 0.05, per_channel  # decoders and resize kernels differ by rounding only
+    assert (images - reference).abs().mean() < 0.1
+
+
+def unique_label_tree(root, count):
+    """One image per class, so that a label names a sample."""
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for i in range(count):
+            folder = root / split / f'n{i:08d}'
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / 'a.JPEG')
+    return root
+
+
+@pytest.mark.parametrize('count,batch', [(24, 4), (25, 13)])
+def test_two_shards_cover_the_training_set_once_per_epoch(tmp_path, count, batch):
+    data = unique_label_tree(tmp_path / 'unique', count)
+    seen = []
+    for rank in (0, 1):
+        loaders = build_dali_loaders(dali_args(data, batch_size=batch), rank, 2, torch.device('cpu'))
+        assert len(loaders.train) == -(-count // 2) // batch  # the same number of steps on both ranks
+        seen += labels_of(loaders.train)
+    padding = (-count) % 2  # the file list is padded by repeating its first files until it divides by 2
+    assert sorted(set(seen)) == list(range(count)) and len(seen) == count + padding
+    assert sorted(seen) == sorted(list(range(count)) + list(range(padding)))
+
+
+def test_two_shards_evaluate_each_validation_image_once(tmp_path):
+    data = unique_label_tree(tmp_path / 'unique', 25)
+    seen = []
+    for rank in (0, 1):
+        seen += labels_of(build_dali_loaders(dali_args(data, batch_size=4), rank, 2, torch.device('cpu')).val)
+    assert sorted(seen) == list(range(25))
+
+
+def test_dali_cpu_training_run_matches_torch_backend(tiny_data, tmp_path):
+    # Both backends see the same images with the same augmentation settings but different random draws and JPEG
+    # decoders, so their numbers differ a little; on this separable set both end near 100%. A label mix-up or a
+    # broken normalisation would end near 10% (chance), far outside the 10-point tolerance.
+    common = ['--config', SMOKE, '--data-dir', tiny_data, '--epochs', 3, '--cooldown-epochs', 1]
+    top1 = {}
+    for backend in ('torch', 'dali'):
+        extra = ['--data-backend', 'dali', '--dali-device', 'cpu'] if backend == 'dali' else []
+        run_script('train.py', *common, *extra, '--output', tmp_path / backend, check=True)
+        with open(tmp_path / backend / 'summary.csv') as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 4
+        top1[backend] = float(rows[-1]['eval_top1'])
+    assert top1['torch'] >= 60 and abs(top1['dali'] - top1['torch']) <= 10, top1
+
+
+def test_missing_dali_is_a_one_line_error(tiny_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'nvidia.dali', None)  # import nvidia.dali now fails as if not installed
+    with pytest.raises(UsageError, match='needs NVIDIA DALI, which is not installed: pip install -r '
+                                         'requirements-dali.txt') as error:
+        build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu'))
+    assert '\n' not in str(error.value)
+
+
+def test_gpu_decoding_without_cuda_is_a_one_line_error(tiny_data):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA: the GPU request is valid here')
+    with pytest.raises(UsageError, match='--dali-device gpu needs CUDA'):
+        build_dali_loaders(dali_args(tiny_data, dali_device='gpu'), 0, 1, torch.device('cpu'))
+
+
+def test_empty_data_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    result = run_script('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'empty', '--data-backend', 'dali',
+                        '--dali-device', 'cpu', '--output', tmp_path / 'run')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('error: ') and 'no class folders' in result.stderr

@@ -27,7 +27,8 @@ from pgt.checkpoint import (find_resume_checkpoint, load_checkpoint, prepare_run
 from pgt.config import finalize_args, parse_config, resolved_config, save_config
 from pgt.data import build_loaders
 from pgt.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
-from pgt.engine import EpochMeters, TrainingParts, evaluate, make_scaler, train_one_epoch
+from pgt.diagnostics import Diagnostics
+from pgt.engine import EpochMeters, TrainingParts, evaluate, make_scaler, to_device, train_one_epoch
 from pgt.errors import Preempted, TrainingDiverged, run_cli
 from pgt.models import check_model_name, create_model
 from pgt.optim import build_optimizer, build_scheduler
@@ -126,6 +127,12 @@ def main(argv) -> int:
     runlog = RunLog(run_dir, env.is_main, start_epoch)
     if env.is_main:
         save_config(args, run_dir / 'config.yaml')
+    diagnostics = None
+    if args.diagnostics and env.is_main:
+        probe = to_device(*next(iter(loaders.val)), env.device, args.channels_last)
+        diagnostics = Diagnostics(model, loss_fn, probe, args.diagnostics_interval, run_dir, runlog,
+                                  args.diagnostics_mask)
+        parts.grad_observer = diagnostics.observe_grads
     preemption = PreemptionFlag().install()
 
     # ---- the epoch loop
@@ -149,6 +156,8 @@ def main(argv) -> int:
                            'grad_norm': event.grad_norm.item()}
                 check_skips(event.meters, reported_skips, args.max_skipped_steps, epoch, event.step)
             runlog.step(global_step, event.step, scalars)
+            if diagnostics is not None:
+                diagnostics.after_step(epoch, global_step, event.loss, event.logits)
             stop = preemption.requested()
             if stop or (args.recovery_interval and event.step % args.recovery_interval == 0
                         and event.step < event.steps_in_epoch):

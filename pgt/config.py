@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('diagnostics')
     _bool_flag(g, '--diagnostics', 'log logit, filter and gradient-conditioning metrics')
     g.add_argument('--diagnostics-interval', type=int, default=200, metavar='STEPS')
+    g.add_argument('--diagnostics-mask', type=float, default=0.0, metavar='FRACTION',
+                   help='random masking of gradient vectors per layer (thesis Sec. 1.6), e.g. 0.05; 0: off')
     return p
 
 

@@ -32,6 +32,7 @@ class TrainingParts:
     clip_mode: str = 'norm'
     channels_last: bool = False
     mixup: Callable | None = None
+    grad_observer: Callable[[float], None] | None = None  # sees the unscaled gradients before the update (lr)
 
     def autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -99,6 +100,8 @@ def optimizer_update(parts: TrainingParts) -> torch.Tensor:
     parts.scaler.unscale_(parts.optimizer)
     params = [p for group in parts.optimizer.param_groups for p in group['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if parts.grad_observer is not None:
+        parts.grad_observer(parts.optimizer.param_groups[0]['lr'])
     if parts.clip_grad is not None:
         dispatch_clip_grad(params, parts.clip_grad, mode=parts.clip_mode)
     parts.scaler.step(parts.optimizer)

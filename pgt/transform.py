@@ -77,29 +77,37 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, smoothing: float, 
 def target_distribution(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """q in float32: (1 - s) one_hot + s / C for class indices (timm's LabelSmoothingCrossEntropy), or the soft target.
 
-    Built with scatter rather than F.one_hot, which synchronises with the host on CUDA to check the index range.
+    Built with an out-of-place scatter: F.one_hot synchronises with the host on CUDA to check the index range, and
+    an in-place scatter would not vmap (per-example gradients in pgt.diagnostics).
     """
     if target.dim() == 2:
         return target.float()
     q = torch.full((target.shape[0], num_classes), smoothing / num_classes, device=target.device, dtype=torch.float32)
-    return q.scatter_add_(1, target.long().unsqueeze(1),
-                          torch.full_like(q[:, :1], 1.0 - smoothing))
+    return q.scatter_add(1, target.long().unsqueeze(1), torch.full_like(q[:, :1], 1.0 - smoothing))
 
 
 class _PowerGradCrossEntropy(torch.autograd.Function):
-    """Forward: cross-entropy per sample, reduced. Backward: (softmax(alpha z) - q) times the incoming gradient."""
+    """Forward: cross-entropy per sample, reduced. Backward: (softmax(alpha z) - q) times the incoming gradient.
+
+    Written in the ``setup_context`` form with ``generate_vmap_rule`` so that torch.func transforms (per-example
+    gradients with vmap, as the diagnostics use) and torch.compile trace through it.
+    """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, logits, q, alpha, reduction):
-        log_p = torch.log_softmax(logits.float(), dim=-1)
-        per_sample = -(q * log_p).sum(-1)
-        ctx.save_for_backward(logits, q)
-        ctx.alpha, ctx.reduction = alpha, reduction
+    def forward(logits, q, alpha, reduction):
+        per_sample = -(q * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
         if reduction == 'mean':
             return per_sample.mean()
         if reduction == 'sum':
             return per_sample.sum()
         return per_sample
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, q, alpha, reduction = inputs
+        ctx.save_for_backward(logits, q)
+        ctx.alpha, ctx.reduction = alpha, reduction
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -108,7 +116,7 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         grad = torch.softmax(ctx.alpha * logits.float(), dim=-1) - q
         grad_output = grad_output.float()
         if ctx.reduction == 'mean':
-            grad = grad * (grad_output / logits.shape[0])
+            grad = grad * (grad_output / logits.shape[-2])
         elif ctx.reduction == 'sum':
             grad = grad * grad_output
         else:

@@ -42,16 +42,6 @@ def test_reproduce_slurm_script_parses(tmp_path):
     assert subprocess.run(['bash', '-n', str(script)]).returncode == 0
 
 
-@pytest.fixture(scope='module')
-def paper_pair(tiny_data, tmp_path_factory):
-    """Two short real runs named after a Table 1 pair: the smoke recipe at alpha 1 and at alpha 0.3."""
-    runs = tmp_path_factory.mktemp('paper-runs')
-    for name, alpha in (('resnet18-cosine-baseline', '1.0'), ('resnet18-cosine-pgt', '0.3')):
-        run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', runs / name, '--epochs', 2,
-                   '--cooldown-epochs', 0, '--pgt-alpha', alpha, '--pgt-start-epoch', 0, check=True)
-    return runs
-
-
 def test_report_writes_table_and_figures(paper_pair, tiny_data, tmp_path):
     jsons = []
     for name in ('resnet18-cosine-baseline', 'resnet18-cosine-pgt'):

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Fig. 6 of the arXiv paper from your own checkpoints trained at several alpha: logit norm against alpha, final
+loss against alpha, and loss against logit norm with its regression line.
+
+    python scripts/alpha_sweep.py --checkpoints runs/grid-*/last.pth --data-dir /imagenet --out figures/
+    python scripts/alpha_sweep.py --json results/*.json --out figures/     # validate.py --json outputs
+
+Each checkpoint is evaluated with validate.py (its JSON is kept next to the figures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pgt.errors import UsageError, run_cli  # noqa: E402
+from pgt.plots import plot_alpha_sweep  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoints', nargs='*', default=[])
+    p.add_argument('--json', nargs='*', default=[], help='validate.py --json outputs instead of checkpoints')
+    p.add_argument('--data-dir', help='needed with --checkpoints')
+    p.add_argument('--out', required=True)
+    p.add_argument('--debug', action='store_true')
+    return p.parse_args(argv)
+
+
+def validate(checkpoint: str, data_dir: str) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / 'validate.py'), '--checkpoint', checkpoint, '--data-dir',
+                             data_dir, '--json'], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UsageError(f'validate.py failed on {checkpoint}: {result.stderr.strip().splitlines()[-1]}')
+    return json.loads(result.stdout)
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoints and not args.data_dir:
+        raise UsageError('--checkpoints needs --data-dir')
+    results = [json.loads(Path(f).read_text()) for f in args.json]
+    for i, checkpoint in enumerate(args.checkpoints):
+        results.append(validate(checkpoint, args.data_dir))
+        (out / f'validate-{i}.json').write_text(json.dumps(results[-1]))
+    if len(results) < 2:
+        raise UsageError('an alpha sweep needs at least two checkpoints or JSON files')
+    for path in plot_alpha_sweep(results, out):
+        print(path)
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

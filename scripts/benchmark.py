@@ -11,6 +11,9 @@ alternating blocks (so that drift of the machine hits both alike), eager and com
 the median images/s over timed steps (device synchronised after each step) and the PGT overhead in percent.
 `loader` reports images/s of each data backend on a JPEG tree (``--generate N`` writes one of ImageNet-like sizes).
 `e2e` runs train.py on a JPEG tree and compares its logged images/s with the `step` figure for the same settings.
+`diagnostics` times one diagnostics probe (pgt.diagnostics) against the median training step and reports the share
+of an epoch it costs at ``--interval``: probe / (interval x step), a decomposition that whole-run timings on a noisy
+machine cannot resolve.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ TINY = dict(models=['resnet18'], batch_size=8, img_size=32, steps=4, warmup=2, b
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('mode', choices=('step', 'loader', 'e2e', 'all'))
+    p.add_argument('mode', choices=('step', 'loader', 'e2e', 'diagnostics', 'all'))
+    p.add_argument('--interval', type=int, default=200, help='diagnostics interval for the diagnostics mode')
     p.add_argument('--tiny', action='store_true', help='CPU-sized settings that run every mode in seconds')
     p.add_argument('--models', nargs='+', default=['resnet50', 'resnet18'])
     p.add_argument('--batch-size', type=int, default=256)
@@ -130,6 +134,37 @@ def bench_step(args) -> list[dict]:
                                 'ce_img_per_sec': rate['ce'], 'pgt_img_per_sec': rate['pgt'],
                                 'pgt_overhead_pct': 100 * (rate['ce'] / rate['pgt'] - 1),
                                 'timed_steps': len(times['ce'])})
+    return results
+
+
+def bench_diagnostics(args) -> list[dict]:
+    from pgt.diagnostics import Diagnostics
+    device, dtypes = device_and_dtypes(args)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(device)
+    batch = (images, torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device))
+    results = []
+    for model_name in args.models:
+        parts = build_parts(model_name, args, device, DTYPES[dtypes[0]], False, args.alpha)
+        with tempfile.TemporaryDirectory() as tmp:
+            diag = Diagnostics(parts.model, parts.loss_fn, batch, 2, Path(tmp), SimpleNamespace(
+                scalar=lambda *a: None, histogram=lambda *a: None))
+            time_steps(parts, batch, device, args.warmup)
+            step = statistics.median(time_steps(parts, batch, device, args.steps * args.blocks))
+            parts.grad_observer = diag.observe_grads
+            probes = []
+            for _ in range(args.blocks):
+                start = time.perf_counter()
+                losses, logits, _ = train_step(parts, [batch], device)  # update 2k+1: keeps its gradient
+                losses, logits, _ = train_step(parts, [batch], device)  # update 2k+2: step-consistency
+                diag.after_step(0, 0, losses[0], logits[0])
+                synchronize(device)
+                probes.append(time.perf_counter() - start - 2 * step)
+        probe = statistics.median(probes)
+        results.append({'mode': 'diagnostics', 'model': model_name, 'amp_dtype': dtypes[0],
+                        'batch_size': args.batch_size, 'img_size': args.img_size, 'step_seconds': step,
+                        'probe_seconds': probe, 'interval': args.interval,
+                        'overhead_pct': 100 * probe / (args.interval * step)})
     return results
 
 
@@ -229,6 +264,8 @@ def main(argv) -> int:
     results = []
     if args.mode in ('step', 'all', 'e2e'):
         results += bench_step(args)
+    if args.mode in ('diagnostics', 'all'):
+        results += bench_diagnostics(args)
     if args.mode in ('loader', 'e2e', 'all'):
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = Path(args.data_dir) if args.data_dir else None

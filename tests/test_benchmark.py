@@ -18,6 +18,9 @@ def test_every_mode_reports_its_fields(tmp_path):
     loaders = {row['backend']: row for row in by_mode['loader']}
     assert loaders['torch']['img_per_sec'] > 0 and loaders['dali-cpu']['img_per_sec'] > 0
     assert 'error' in loaders['dali-gpu'] or loaders['dali-gpu']['img_per_sec'] > 0
+    [diag] = by_mode['diagnostics']
+    assert diag['probe_seconds'] > 0 and diag['overhead_pct'] == 100 * diag['probe_seconds'] / (
+        diag['interval'] * diag['step_seconds'])
     e2e = {row['backend']: row for row in by_mode['e2e']}
     for backend in ('torch', 'synthetic'):
         row = e2e[backend]

@@ -61,7 +61,10 @@ def main(argv) -> int:
     barrier()
     if args.resume == 'auto':
         resume = find_resume_checkpoint(run_dir)
-        log.info('resuming from %s', resume[0]) if resume else log.info('no checkpoint in %s: new run', run_dir)
+        if resume is None:
+            log.info('no checkpoint in %s: new run', run_dir)
+    if resume is not None:
+        log.info('resuming from %s', resume[0])
 
     torch.manual_seed(args.seed + env.rank)
     random.seed(args.seed + env.rank)
@@ -169,8 +172,8 @@ def main(argv) -> int:
                     raise Preempted(f'{preemption.signal_name or "signal"} at epoch {epoch} step {event.step}: '
                                     f'recovery checkpoint in {run_dir}; continue with --resume auto')
 
-        train_metrics = train_one_epoch(parts, loaders.train, env.device, epoch, args.grad_accum_steps,
-                                        skip, meters if epoch == start_epoch else None, on_step)
+        train_metrics = train_one_epoch(parts, loaders.train, env.device, args.grad_accum_steps, skip,
+                                        meters if epoch == start_epoch else None, on_step)
         if loaders.train_dataset is not None:
             unreadable = torch.tensor([loaders.train_dataset.unreadable_count() - unreadable_before])
             train_metrics['unreadable'] = int(all_reduce_sum(unreadable.to(env.device)).item())

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--workers', type=int, default=4)
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
     g.add_argument('--img-size', type=int, default=224)
-    g.add_argument('--crop-pct', type=float, default=0.875, help='evaluation: resize to img_size / crop_pct, centre crop')
+    g.add_argument('--crop-pct', type=float, default=0.875,
+                   help='evaluation: resize to img_size / crop_pct, then centre crop')
     g.add_argument('--interpolation', default='bilinear', help='evaluation resize interpolation')
     g.add_argument('--train-interpolation', default='random', help="training crop interpolation (timm: 'random')")
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'))

@@ -110,13 +110,20 @@ class DaliLoader:
         return self.steps - self.skip
 
     def __iter__(self):
-        for i, batch in enumerate(self.iterator):
-            if self.skip <= i < self.steps:  # the reader must reach the end of its epoch before it can restart
-                images, labels = batch[0]['data'], batch[0]['label']
-                if images.dim() == 4 and images.shape[-1] == 3:  # HWC: an NCHW view with channels-last strides
-                    images = images.permute(0, 3, 1, 2)
-                yield images, labels.squeeze(-1).long()
-        self.skip = 0
+        # DALI restarts an epoch only after the last one ended: batches past ``steps``, and those a consumer leaves
+        # (taking one probe batch, a benchmark stopping early), are drained rather than left for the next epoch.
+        batches = enumerate(self.iterator)
+        try:
+            for i, batch in batches:
+                if self.skip <= i < self.steps:
+                    images, labels = batch[0]['data'], batch[0]['label']
+                    if images.dim() == 4 and images.shape[-1] == 3:  # HWC: NCHW view with channels-last strides
+                        images = images.permute(0, 3, 1, 2)
+                    yield images, labels.squeeze(-1).long()
+        finally:
+            for _ in batches:
+                pass
+            self.skip = 0
 
 
 def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:

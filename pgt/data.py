@@ -53,9 +53,9 @@ class ImageFolderWithRecovery(ImageFolder):
     worker processes (one shared-memory slot per worker, so that no two processes write the same number).
     """
 
-    def __init__(self, root, transform, replace: bool, strict: bool):
+    def __init__(self, root, transform, replace: bool, strict: bool, image_size: int):
         super().__init__(str(root), transform=transform, allow_empty=True)
-        self.replace, self.strict = replace, strict
+        self.replace, self.strict, self.image_size = replace, strict, image_size
         self._unreadable = torch.zeros(_MAX_WORKER_SLOTS + 1, dtype=torch.int64).share_memory_()
 
     def unreadable_count(self) -> int:
@@ -99,8 +99,7 @@ class ImageFolderWithRecovery(ImageFolder):
                 self._count_unreadable()
                 log.warning('%s; %s', error, 'using the next image' if self.replace else 'left out of the metrics')
                 if not self.replace:
-                    size = self.transform_size
-                    return torch.zeros(3, size, size), -1
+                    return torch.zeros(3, self.image_size, self.image_size), -1
         raise DataError(f'{self.root}: no readable image')
 
 
@@ -160,10 +159,8 @@ def build_transform(args, training: bool):
 
 def build_dataset(args, split: str) -> ImageFolderWithRecovery:
     training = split == 'train'
-    dataset = ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
-                                      replace=training, strict=args.strict_data)
-    dataset.transform_size = args.img_size
-    return dataset
+    return ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
+                                   replace=training, strict=args.strict_data, image_size=args.img_size)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -54,7 +54,6 @@ class EpochMeters:
     seen: torch.Tensor
     skipped_steps: torch.Tensor
     consecutive_skips: torch.Tensor
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, device):
@@ -126,8 +125,8 @@ class StepEvent:
     images_per_step: int
 
 
-def train_one_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int, accum_steps: int = 1,
-                    start_step: int = 0, meters: EpochMeters | None = None,
+def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_steps: int = 1, start_step: int = 0,
+                    meters: EpochMeters | None = None,
                     on_step: Callable[[StepEvent], None] | None = None) -> dict:
     """Train over ``loader`` from update ``start_step`` on; ``on_step`` runs after each update (logging,
     checkpoints, preemption, diagnostics). Returns the epoch's loss, top-1 (running average over the epoch, as the

@@ -151,7 +151,7 @@ def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: 
 
 
 class PowerGradCrossEntropy(torch.nn.Module):
-    """Module form of :func:`power_grad_cross_entropy`; ``alpha`` may be changed between steps (``--pgt-start-epoch``)."""
+    """Module form of :func:`power_grad_cross_entropy`; ``alpha`` may change between steps (--pgt-start-epoch)."""
 
     def __init__(self, alpha: float, smoothing: float = 0.0, reduction: str = 'mean', check_targets: bool = True):
         super().__init__()

@@ -2,7 +2,8 @@
 """Make a tiny ImageNet-layout tree (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) for first runs and tests.
 
     # a deterministic subset of a real ImageNet tree (symlinks; --copy to copy the files)
-    python scripts/make_tiny_imagenet.py --from /imagenet --out tiny --classes 10 --train-per-class 100 --val-per-class 50
+    python scripts/make_tiny_imagenet.py --from /imagenet --out tiny --classes 10 \
+        --train-per-class 100 --val-per-class 50
     # generated JPEGs whose classes a small network learns in a minute on a CPU
     python scripts/make_tiny_imagenet.py --synthetic --out tiny
 """

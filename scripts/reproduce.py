@@ -52,7 +52,8 @@ def parse_args(argv):
     p.add_argument('--nproc-per-node', type=int, default=4)
     p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
     p.add_argument('--slurm', metavar='FILE', help='write a SLURM array script instead of running')
-    p.add_argument('--gpus', type=int, default=None, help='GPUs per node in the SLURM script (default --nproc-per-node)')
+    p.add_argument('--gpus', type=int, default=None,
+                   help='GPUs per node in the SLURM script (default: --nproc-per-node)')
     p.add_argument('--time', default='72:00:00', help='SLURM time limit per job')
     p.add_argument('--debug', action='store_true')
     p.add_argument('extra', nargs='*', help='further train.py options, after --')

@@ -128,3 +128,12 @@ def test_empty_data_directory_is_a_one_line_error(tmp_path):
                         '--dali-device', 'cpu', '--output', tmp_path / 'run')
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('error: ') and 'no class folders' in result.stderr
+
+
+def test_an_abandoned_epoch_does_not_shift_the_next_one(tiny_data):
+    """Taking one batch (the diagnostics probe) and leaving must not make the next full pass start mid-epoch."""
+    from torchvision.datasets import ImageFolder
+    val = build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val
+    first = next(iter(val))
+    assert labels_of(val) == ImageFolder(str(tiny_data / 'val')).targets
+    assert torch.equal(next(iter(val))[0], first[0])

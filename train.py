@@ -149,7 +149,7 @@ def main(argv) -> int:
         reported_skips = [0]
         unreadable_before = loaders.train_dataset.unreadable_count() if loaders.train_dataset else 0
 
-        def on_step(event, epoch=epoch):
+        def on_step(event, epoch=epoch, reported_skips=reported_skips):
             global_step = epoch * steps_per_epoch + event.step
             if args.sched_on_updates and scheduler is not None:
                 scheduler.step_update(global_step)

@@ -33,6 +33,11 @@ def parse_args(argv):
     p.add_argument('--checkpoint', required=True)
     p.add_argument('--data-dir', required=True)
     p.add_argument('--split', default='val')
+    p.add_argument('--data-backend', default='torch', choices=('torch', 'dali'))
+    p.add_argument('--dali', dest='data_backend', action='store_const', const='dali',
+                   help='alias of --data-backend dali')
+    p.add_argument('--dali-device', choices=('gpu', 'cpu'), default=None,
+                   help='DALI decoding device (default: gpu when CUDA is available)')
     p.add_argument('--batch-size', type=int, default=None, help='default: the training per-GPU batch')
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
@@ -51,16 +56,11 @@ def main(argv) -> int:
     if 'args' not in state:
         raise UsageError(f'{args.checkpoint}: no training configuration inside; was it written by train.py?')
     train_args = SimpleNamespace(**state['args'])
-    data_args = SimpleNamespace(data_dir=args.data_dir, img_size=train_args.img_size, crop_pct=train_args.crop_pct,
-                                interpolation=train_args.interpolation, strict_data=False)
-    dataset = build_dataset(data_args, args.split)
-    if len(dataset.classes) != state['num_classes']:
-        raise UsageError(f'{args.data_dir}/{args.split}: {len(dataset.classes)} class folders, the checkpoint was '
-                         f'trained on {state["num_classes"]} classes')
     batch_size = args.batch_size or train_args.batch_size
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,
-                        sampler=ShardedSampler(len(dataset), env.rank, env.world_size, shuffle=False, pad=False),
-                        pin_memory=env.device.type == 'cuda')
+    loader, num_classes = build_loader(args, train_args, batch_size, env)
+    if num_classes != state['num_classes']:
+        raise UsageError(f'{args.data_dir}/{args.split}: {num_classes} class folders, the checkpoint was '
+                         f'trained on {state["num_classes"]} classes')
     model = create_model(state['model_name'], num_classes=state['num_classes'])
     model.load_state_dict(state['model'])
     model.to(env.device)
@@ -75,6 +75,22 @@ def main(argv) -> int:
         print(json.dumps(result) if args.json else format_table(result))
     shutdown()
     return 0
+
+
+def build_loader(args, train_args, batch_size: int, env):
+    """The checkpoint's evaluation transform (size, crop fraction, interpolation) on the chosen backend."""
+    data_args = SimpleNamespace(data_dir=args.data_dir, img_size=train_args.img_size, crop_pct=train_args.crop_pct,
+                                interpolation=train_args.interpolation, strict_data=False, batch_size=batch_size,
+                                workers=args.workers, seed=0, dali_device=args.dali_device,
+                                channels_last=args.channels_last, amp=False)
+    if args.data_backend == 'dali':
+        from pgt.dali import build_dali_val_loader
+        return build_dali_val_loader(data_args, env.rank, env.world_size, env.device, args.split)
+    dataset = build_dataset(data_args, args.split)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,
+                        sampler=ShardedSampler(len(dataset), env.rank, env.world_size, shuffle=False, pad=False),
+                        pin_memory=env.device.type == 'cuda')
+    return loader, len(dataset.classes)
 
 
 def format_table(result: dict) -> str:

@@ -126,14 +126,27 @@ class DaliLoader:
             self.skip = 0
 
 
-def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+def _dali_setup(args, device: torch.device):
     gpu = (args.dali_device or ('gpu' if torch.cuda.is_available() else 'cpu')) == 'gpu'
     if gpu and not torch.cuda.is_available():
         raise UsageError('--dali-device gpu needs CUDA, and none is available; use --dali-device cpu')
     _import_dali()
-    device_id = device.index if device.type == 'cuda' else None  # None: DALI's CPU-only mode
+    return gpu, (device.index if device.type == 'cuda' else None)  # device_id None: DALI's CPU-only mode
+
+
+def build_dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
+    """The evaluation pipeline alone (validate.py); returns (loader, number of classes)."""
+    gpu, device_id = _dali_setup(args, device)
+    files, labels, classes = image_list(args.data_dir, split)
+    loader = DaliLoader(_build_pipeline(False, files, labels, args, rank, world_size, gpu, device_id),
+                        training=False, steps=None)
+    return loader, classes
+
+
+def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+    gpu, device_id = _dali_setup(args, device)
     train_files, train_labels, classes = image_list(args.data_dir, 'train')
-    val_files, val_labels, val_classes = image_list(args.data_dir, 'val')
+    val, val_classes = build_dali_val_loader(args, rank, world_size, device)
     if classes != val_classes:
         raise UsageError(f'{args.data_dir}: train/ has {classes} class folders, val/ has {val_classes}')
     train_files, train_labels = pad_to_multiple(train_files, train_labels, world_size)
@@ -143,6 +156,4 @@ def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -
                          f'{args.batch_size} per rank over {world_size} rank(s)')
     train = DaliLoader(_build_pipeline(True, train_files, train_labels, args, rank, world_size, gpu, device_id),
                        training=True, steps=steps)
-    val = DaliLoader(_build_pipeline(False, val_files, val_labels, args, rank, world_size, gpu, device_id),
-                     training=False, steps=None)
     return Loaders(train, val, classes)

@@ -145,7 +145,7 @@ def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_st
             continue
         losses, logits, grad_norm = train_step(parts, [(x, y) for x, y, _ in micro], device)
         finite = torch.isfinite(grad_norm)
-        for loss, out, (x, _, y) in zip(losses, logits, micro):
+        for loss, out, (_, _, y) in zip(losses, logits, micro):
             meters.loss_sum += torch.where(finite, loss.double() * y.shape[0], 0.0)
             meters.correct += torch.where(finite, (out.argmax(-1) == y).sum(), 0)
             meters.seen += torch.where(finite, y.shape[0], 0)

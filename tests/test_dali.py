@@ -1,5 +1,6 @@
 """The DALI backend in CPU mode (device_id=None): the same labels, images and sharding as the torch backend."""
 import csv
+import json
 import sys
 from types import SimpleNamespace
 
@@ -137,3 +138,27 @@ def test_an_abandoned_epoch_does_not_shift_the_next_one(tiny_data):
     first = next(iter(val))
     assert labels_of(val) == ImageFolder(str(tiny_data / 'val')).targets
     assert torch.equal(next(iter(val))[0], first[0])
+
+
+@pytest.mark.parametrize('world_size', [1, 2])
+def test_epoch_length_agrees_with_the_torch_backend(tiny_data, world_size):
+    from pgt.data import build_torch_loaders
+    for batch in (8, 12, 32):
+        args = dali_args(tiny_data, batch_size=batch, strict_data=False, workers=0)
+        for rank in range(world_size):
+            dali = build_dali_loaders(args, rank, world_size, torch.device('cpu'))
+            torch_loaders = build_torch_loaders(args, rank, world_size, torch.device('cpu'))
+            assert len(dali.train) == len(torch_loaders.train), (batch, rank)
+
+
+def test_validate_with_dali_agrees_with_torch(paper_pair, tiny_data):
+    # Same checkpoint and images; the decoders and resize kernels differ by rounding, which may flip an image or two.
+    checkpoint = paper_pair / 'resnet18-cosine-pgt' / 'last.pth'
+    results = {}
+    for backend in ('torch', 'dali'):
+        extra = ['--data-backend', 'dali', '--dali-device', 'cpu'] if backend == 'dali' else []
+        result = run_script('validate.py', '--checkpoint', checkpoint, '--data-dir', tiny_data, '--json', *extra,
+                            check=True)
+        results[backend] = json.loads(result.stdout)
+    assert results['dali']['images'] == results['torch']['images'] == 80
+    assert abs(results['dali']['top1'] - results['torch']['top1']) <= 2.5  # at most 2 of 80 images

@@ -3,7 +3,6 @@ import math
 import os
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -28,7 +28,7 @@ from pgt.config import finalize_args, parse_config, resolved_config, save_config
 from pgt.data import build_loaders
 from pgt.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from pgt.diagnostics import Diagnostics
-from pgt.engine import EpochMeters, TrainingParts, evaluate, make_scaler, to_device, train_one_epoch
+from pgt.engine import AMP_DTYPES, EpochMeters, TrainingParts, evaluate, make_scaler, to_device, train_one_epoch
 from pgt.errors import Preempted, TrainingDiverged, run_cli
 from pgt.models import check_model_name, create_model
 from pgt.optim import build_optimizer, build_scheduler
@@ -36,7 +36,6 @@ from pgt.preemption import PreemptionFlag
 from pgt.runlog import RunLog, setup_logging
 
 log = logging.getLogger('pgt')
-AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 def main(argv) -> int:

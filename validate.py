@@ -20,12 +20,11 @@ from torch.utils.data import DataLoader
 from pgt.checkpoint import load_checkpoint
 from pgt.data import ShardedSampler, build_dataset
 from pgt.distributed import init_distributed, shutdown
-from pgt.engine import evaluate
+from pgt.engine import AMP_DTYPES, evaluate
 from pgt.errors import UsageError, run_cli
 from pgt.models import create_model
 from pgt.runlog import setup_logging
 
-AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 def parse_args(argv):

@@ -19,6 +19,8 @@ from timm.utils import dispatch_clip_grad
 
 from .distributed import all_reduce_sum
 
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}  # --amp-dtype names
+
 
 @dataclass
 class TrainingParts:
@@ -152,13 +154,13 @@ def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_st
         meters.skipped_steps += (~finite).long()
         meters.consecutive_skips.copy_(torch.where(finite, 0, meters.consecutive_skips + 1))
         step += 1
+        images_in_step = sum(y.shape[0] for _, _, y in micro)
         if timer is None:  # time from the end of the first step: excludes start-up and compilation
             timer = _synchronized_clock(device)
         else:
-            images_seen += sum(x.shape[0] for x, _, _ in micro)
+            images_seen += images_in_step
         if on_step is not None:
-            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm,
-                              sum(x.shape[0] for x, _, _ in micro)))
+            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm, images_in_step))
         micro = []
     elapsed = _synchronized_clock(device) - timer if timer is not None else 0.0
     return epoch_metrics(meters, images_seen, elapsed)

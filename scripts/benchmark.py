@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pgt import PowerGradCrossEntropy  # noqa: E402
 from pgt.data import build_loaders  # noqa: E402
-from pgt.engine import TrainingParts, make_scaler, train_step  # noqa: E402
+from pgt.engine import AMP_DTYPES, TrainingParts, make_scaler, train_step  # noqa: E402
 from pgt.errors import UsageError, run_cli  # noqa: E402
 from pgt.models import create_model  # noqa: E402
 from pgt.optim import build_optimizer  # noqa: E402
 
-DTYPES = {'float32': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+DTYPES = {'float32': None, **AMP_DTYPES}
 TINY = dict(models=['resnet18'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
             generate=48)
 

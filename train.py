@@ -120,8 +120,7 @@ def main(argv) -> int:
         if env.distributed:
             states = [None] * env.world_size
             torch.distributed.all_gather_object(states, rng_state())
-        return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                'scheduler': scheduler.state_dict() if scheduler else None, 'scaler': scaler.state_dict(),
+        return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'epoch': epoch, 'step': step, 'best': dict(best), 'rng': states,
                 'meters': epoch_meters.state_dict() if epoch_meters is not None else None,
                 'args': resolved_config(args), 'num_classes': num_classes, 'model_name': args.model}

@@ -2,8 +2,9 @@
 
 Files in a run directory: ``last.pth`` (end of the latest epoch), ``best.pth`` (best eval top-1), ``epoch_<N>.pth``
 (every --checkpoint-interval epochs) and ``recovery.pth`` (every --recovery-interval steps within an epoch, and on a
-preemption signal). Each holds everything needed to continue the same trajectory: model, optimizer, scheduler,
-gradient scaler, the position (epoch, step within it), the metric accumulators of a partial epoch, and the RNG states.
+preemption signal). Each holds everything needed to continue the same trajectory: model, optimizer, gradient
+scaler, the position (epoch, step within it), the metric accumulators of a partial epoch, and the RNG states. The
+learning rate is a function of the position (train.py steps the scheduler to it), so no scheduler state is stored.
 """
 from __future__ import annotations
 

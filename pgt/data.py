@@ -168,8 +168,7 @@ class Loaders:
     train: object
     val: object
     num_classes: int
-    train_dataset: object = None
-    val_dataset: object = None
+    train_dataset: object = None  # the torch backend's, which counts unreadable images
 
 
 def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
@@ -188,7 +187,7 @@ def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) 
     if len(train) == 0:
         raise UsageError(f'{args.data_dir}/train: {len(train_set)} images give no full batch of {args.batch_size} '
                          f'per rank over {world_size} rank(s)')
-    return Loaders(train, val, len(train_set.classes), train_set, val_set)
+    return Loaders(train, val, len(train_set.classes), train_set)
 
 
 class SyntheticLoader:

@@ -63,11 +63,11 @@ class EpochMeters:
         return cls(z(torch.float64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64))
 
     def state_dict(self):
-        return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return {k: v.cpu() for k, v in self.__dict__.items()}
 
     @classmethod
     def from_state(cls, state, device):
-        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})
+        return cls(**{k: v.to(device) for k, v in state.items()})
 
 
 def to_device(images, targets, device, channels_last: bool):
@@ -111,10 +111,6 @@ def optimizer_update(parts: TrainingParts) -> torch.Tensor:
     return grad_norm
 
 
-def hard_targets(targets: torch.Tensor) -> torch.Tensor:
-    return targets.argmax(-1) if targets.dim() == 2 else targets
-
-
 @dataclass
 class StepEvent:
     """Passed to the epoch's ``on_step`` callback after every update."""
@@ -124,7 +120,6 @@ class StepEvent:
     logits: torch.Tensor
     loss: torch.Tensor
     grad_norm: torch.Tensor
-    images_per_step: int
 
 
 def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_steps: int = 1, start_step: int = 0,
@@ -160,7 +155,7 @@ def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_st
         else:
             images_seen += images_in_step
         if on_step is not None:
-            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm, images_in_step))
+            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm))
         micro = []
     elapsed = _synchronized_clock(device) - timer if timer is not None else 0.0
     return epoch_metrics(meters, images_seen, elapsed)

@@ -1,12 +1,12 @@
 """The paper recipes as data: which runs make up each table, and what a run directory says about its progress."""
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import finalize_args, parse_config
 from .optim import total_epochs
+from .runlog import read_summary
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'paper'
 # ICLR Sec. 3.1: alpha 0.1 to 0.9 by 0.1, then 0.2 to 0.4 by 0.05; 1.0 is the baseline of the sweep.
@@ -40,14 +40,6 @@ def paper_runs(table: str, paper_dir: Path = PAPER_DIR) -> list[PaperRun]:
         if str(paper.get('table')) == table:
             runs.append(PaperRun(recipe.stem, recipe, table, [], paper))
     return runs
-
-
-def read_summary(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / 'summary.csv'
-    if not path.is_file():
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
 
 
 def is_finished(run: PaperRun, run_dir: Path) -> bool:

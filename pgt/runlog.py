@@ -78,11 +78,19 @@ class RunLog:
             self.tb.close()
 
 
+def read_summary(run_dir: Path) -> list[dict]:
+    """The rows of a run's summary.csv (none if it has not written one yet)."""
+    path = Path(run_dir) / 'summary.csv'
+    if not path.is_file():
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
 def trim_summary(path: Path, start_epoch: int) -> bool:
     """Keep the rows of epochs before ``start_epoch``: a run that crashed after writing a row but before its
     checkpoint repeats that epoch, and must not log it twice. Returns whether a header remains."""
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    rows = read_summary(path.parent)
     if not rows:
         return False
     kept = [row for row in rows if int(row['epoch']) < start_epoch]

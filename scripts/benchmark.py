@@ -36,6 +36,7 @@ from pgt.engine import AMP_DTYPES, TrainingParts, make_scaler, train_step  # noq
 from pgt.errors import UsageError, run_cli  # noqa: E402
 from pgt.models import create_model  # noqa: E402
 from pgt.optim import build_optimizer  # noqa: E402
+from pgt.runlog import read_summary  # noqa: E402
 
 DTYPES = {'float32': None, **AMP_DTYPES}
 TINY = dict(models=['resnet18'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
@@ -245,9 +246,7 @@ def bench_e2e(args, data_dir, step_results) -> list[dict]:
             if DTYPES[dtypes[0]] is not None:
                 argv += ['--amp', '--amp-dtype', dtypes[0]]
             train.main(argv)
-            with open(out / 'summary.csv') as f:
-                header, row = f.readline().strip().split(','), f.readline().strip().split(',')
-            rate = float(dict(zip(header, row))['train_img_per_sec'])
+            rate = float(read_summary(out)[0]['train_img_per_sec'])
             results.append({'mode': 'e2e', 'backend': backend, 'model': model_name, 'amp_dtype': dtypes[0],
                             'batch_size': args.batch_size, 'img_per_sec': rate, 'step_img_per_sec': step,
                             'fraction_of_step': rate / step if step else None})

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pgt.config import parse_config  # noqa: E402
 from pgt.errors import UsageError, run_cli  # noqa: E402
-from pgt.paper import PaperRun, paper_runs, read_summary  # noqa: E402
+from pgt.paper import PaperRun, paper_runs  # noqa: E402
 from pgt.plots import plot_accuracy_curves, plot_alpha_sweep  # noqa: E402
+from pgt.runlog import read_summary  # noqa: E402
 
 TITLES = {'1': 'Table 1: networks with batch normalisation', '2': 'Table 2: ResNet-18 without batch normalisation',
           '3': 'Table 3: ResNet-50, schedules and label smoothing', 'fig3c': 'Fig. 3(c): 60 epochs'}

@@ -1,5 +1,4 @@
 """The DALI backend in CPU mode (device_id=None): the same labels, images and sharding as the torch backend."""
-import csv
 import json
 import sys
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ from PIL import Image
 from conftest import ROOT, run_script
 from pgt.data import build_transform
 from pgt.errors import UsageError
+from pgt.runlog import read_summary
 
 dali = pytest.importorskip('nvidia.dali', reason='NVIDIA DALI is optional (requirements-dali.txt)')
 from pgt.dali import build_dali_loaders  # noqa: E402
@@ -101,8 +101,7 @@ def test_dali_cpu_training_run_matches_torch_backend(tiny_data, tmp_path):
     for backend in ('torch', 'dali'):
         extra = ['--data-backend', 'dali', '--dali-device', 'cpu'] if backend == 'dali' else []
         run_script('train.py', *common, *extra, '--output', tmp_path / backend, check=True)
-        with open(tmp_path / backend / 'summary.csv') as f:
-            rows = list(csv.DictReader(f))
+        rows = read_summary(tmp_path / backend)
         assert len(rows) == 4
         top1[backend] = float(rows[-1]['eval_top1'])
     assert top1['torch'] >= 60 and abs(top1['dali'] - top1['torch']) <= 10, top1

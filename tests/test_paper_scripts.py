@@ -9,6 +9,7 @@ import torch
 
 import pgt.models  # noqa: F401
 from conftest import ROOT, run_script
+from pgt.runlog import read_summary
 
 SMOKE = ROOT / 'configs' / 'smoke.yaml'
 
@@ -81,6 +82,5 @@ def test_nobn_resnet18_trains_on_the_tiny_set(tiny_data, tmp_path):
     run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', tmp_path / 'nobn',
                '--model', 'resnet18_nobn', '--lr', 0.02, '--epochs', 3, '--cooldown-epochs', 0, '--warmup-epochs', 0,
                '--pgt-alpha', 0.25, '--pgt-start-epoch', 0, '--clip-mode', 'agc', '--clip-grad', 0.01, check=True)
-    with open(tmp_path / 'nobn' / 'summary.csv') as f:
-        losses = [float(r['train_loss']) for r in csv.DictReader(f)]
+    losses = [float(r['train_loss']) for r in read_summary(tmp_path / 'nobn')]
     assert len(losses) == 3 and losses[2] < losses[1] < losses[0] and losses[-1] < 0.8 * losses[0], losses

@@ -1,5 +1,4 @@
 """Preemption, crashes, damaged checkpoints, non-finite steps and unreadable images."""
-import csv
 import errno
 import os
 import re
@@ -14,6 +13,7 @@ import torch
 
 import train
 from conftest import ROOT, run_script
+from pgt.runlog import read_summary
 from pgt import PowerGradCrossEntropy
 from pgt.checkpoint import find_resume_checkpoint, save_checkpoint
 from pgt.errors import Preempted, TrainingDiverged, UsageError
@@ -22,10 +22,6 @@ SMOKE = ROOT / 'configs' / 'smoke.yaml'
 # 10 steps per epoch on the tiny set; a recovery checkpoint every 3 steps; one log line per step (no terminal).
 BASE = ['--config', SMOKE, '--epochs', 2, '--cooldown-epochs', 0, '--recovery-interval', 3, '--log-interval', 1]
 
-
-def read_summary(run_dir):
-    with open(run_dir / 'summary.csv') as f:
-        return list(csv.DictReader(f))
 
 
 def model_state(path):

@@ -1,5 +1,4 @@
 """train.py and validate.py end to end on the generated tiny set, on the CPU, through their command lines."""
-import csv
 import json
 import math
 import os
@@ -11,13 +10,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, run_script
+from pgt.runlog import read_summary
 
 SMOKE = ROOT / 'configs' / 'smoke.yaml'
 
-
-def read_summary(run_dir):
-    with open(run_dir / 'summary.csv') as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope='module')

@@ -99,6 +99,15 @@ def build_parts(model_name, args, device, amp_dtype, compiled, alpha):
                          channels_last=args.channels_last)
 
 
+def synthetic_batch(args, device):
+    """One random batch on the device, in the layout the model trains in."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
+
+
 def time_steps(parts, batch, device, steps):
     times = []
     for _ in range(steps):
@@ -112,11 +121,7 @@ def time_steps(parts, batch, device, steps):
 def bench_step(args) -> list[dict]:
     """Cross-entropy (alpha 1) and PGT (alpha) on the same model and batch, in alternating blocks."""
     device, dtypes = device_and_dtypes(args)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    batch = (images, torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device))
+    batch = synthetic_batch(args, device)
     results = []
     for model_name in args.models:
         for dtype_name in dtypes:
@@ -141,9 +146,7 @@ def bench_step(args) -> list[dict]:
 def bench_diagnostics(args) -> list[dict]:
     from pgt.diagnostics import Diagnostics
     device, dtypes = device_and_dtypes(args)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(device)
-    batch = (images, torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device))
+    batch = synthetic_batch(args, device)
     results = []
     for model_name in args.models:
         parts = build_parts(model_name, args, device, DTYPES[dtypes[0]], False, args.alpha)

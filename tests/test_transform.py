@@ -242,6 +242,7 @@ def _ddp_worker(rank, world_size, init_file, x, target, result_file):
     opt.step()
     if rank == 0:
         torch.save(model.module.state_dict(), result_file)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other may still use it (as train.py)
     torch.distributed.destroy_process_group()
 
 

@@ -22,15 +22,17 @@ from timm.data import Mixup
 from timm.layers import convert_sync_batchnorm
 
 from pgt import PowerGradCrossEntropy
-from pgt.checkpoint import (find_resume_checkpoint, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
-                            set_rng_state)
-from pgt.config import finalize_args, parse_config, resolved_config, save_config
-from pgt.data import build_loaders
-from pgt.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
+from pgt.checkpoint import (check_run_dir, find_resume_checkpoint, load_checkpoint, prepare_run_dir, rank_state,
+                            rng_state, save_checkpoint, set_rng_state)
+from pgt.config import config_changes, finalize_args, parse_config, resolved_config, save_config
+from pgt.data import build_loaders, check_same_classes
+from pgt.distributed import (all_gather_object, all_reduce_sum, barrier, broadcast_object, init_distributed,
+                             run_on_main, shutdown)
 from pgt.diagnostics import Diagnostics
-from pgt.engine import AMP_DTYPES, EpochMeters, TrainingParts, evaluate, make_scaler, to_device, train_one_epoch
-from pgt.errors import Preempted, TrainingDiverged, run_cli
-from pgt.models import check_model_name, create_model
+from pgt.engine import (AMP_DTYPES, BufferGuard, EpochMeters, SkipStreak, TrainingParts, evaluate, make_scaler,
+                        to_device, train_one_epoch)
+from pgt.errors import Preempted, TrainingDiverged, UsageError, run_cli
+from pgt.models import check_model_name, create_model, load_model_state
 from pgt.optim import build_optimizer, build_scheduler
 from pgt.preemption import PreemptionFlag
 from pgt.runlog import RunLog, setup_logging
@@ -39,6 +41,8 @@ log = logging.getLogger('pgt')
 
 
 def main(argv) -> int:
+    preemption = PreemptionFlag().install()  # until training starts, a signal stops the process at once (exit 75)
+
     # ---- configuration: defaults < recipe < command line, all checked before anything is written
     args = parse_config(argv)
     finalize_args(args, world_size=int(os.environ.get('WORLD_SIZE', 1)))
@@ -55,15 +59,19 @@ def main(argv) -> int:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         args.output = broadcast_object(str(Path(args.resume).parent) if resume else f'runs/{args.model}-{stamp}')
     run_dir = Path(args.output)
-    if env.is_main:
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
-    barrier()
+    check_run_dir(run_dir, args.resume, args.overwrite)
+    loaders = build_loaders(args, env.rank, env.world_size, env.device)  # the data checks, before any write
+    num_classes = args.num_classes = args.num_classes or loaders.num_classes
     if args.resume == 'auto':
-        resume = find_resume_checkpoint(run_dir)
+        resume = find_resume_checkpoint(run_dir) if run_dir.is_dir() else None
         if resume is None:
             log.info('no checkpoint in %s: new run', run_dir)
     if resume is not None:
+        check_resumable(resume, args, loaders.classes, env.world_size)
         log.info('resuming from %s', resume[0])
+    if env.is_main:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+    barrier()
 
     torch.manual_seed(args.seed + env.rank)
     random.seed(args.seed + env.rank)
@@ -71,10 +79,7 @@ def main(argv) -> int:
     if env.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
-    # ---- data and model
-    loaders = build_loaders(args, env.rank, env.world_size, env.device)
-    num_classes = args.num_classes or loaders.num_classes
-    args.num_classes = num_classes
+    # ---- model, optimizer and schedule
     model = create_model(args.model, num_classes=num_classes)
     if args.sync_bn and env.distributed:
         model = convert_sync_batchnorm(model)
@@ -101,29 +106,39 @@ def main(argv) -> int:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                       num_classes=num_classes)
     parts = TrainingParts(trained, loss_fn, optimizer, scaler, amp_dtype, args.clip_grad, args.clip_mode,
-                          args.channels_last, mixup)
+                          args.channels_last, mixup, buffer_guard=BufferGuard(model))
 
     # ---- resume: the same trajectory as if the run had never stopped
     start_epoch, start_step, meters, best = 0, 0, None, {'top1': -1.0, 'epoch': -1}
+    streak = SkipStreak.zeros(env.device)
+    newest = None  # the newest checkpoint of this run, for the message if training diverges
     if resume:
         state = resume[1]
-        model.load_state_dict(state['model'])
+        load_model_state(model, state, resume[0], args.model, num_classes)
         optimizer.load_state_dict(state['optimizer'])
         scaler.load_state_dict(state['scaler'])
         start_epoch, start_step, best = state['epoch'], state['step'], state['best']
-        meters = EpochMeters.from_state(state['meters'], env.device) if state.get('meters') else None
-        set_rng_state(state['rng'][env.rank] if env.rank < len(state['rng']) else state['rng'][0])
+        streak.load_state_dict(state['skip_streak'])
+        rng, own_meters = rank_state(state, env.rank, env.world_size)
+        set_rng_state(rng)
+        meters = EpochMeters.from_state(own_meters, env.device) if own_meters and start_step else None
+        newest = f'{resume[0]} (epoch {start_epoch}, step {start_step})'
 
     def checkpoint_state(epoch, step, epoch_meters):
-        """Everything to continue from (epoch, step); RNG states of every rank."""
-        states = [rng_state()]
-        if env.distributed:
-            states = [None] * env.world_size
-            torch.distributed.all_gather_object(states, rng_state())
+        """Everything to continue from (epoch, step): every rank's RNG state and partial-epoch meters."""
+        ranks = all_gather_object({'rng': rng_state(),
+                                   'meters': epoch_meters.state_dict() if epoch_meters is not None else None})
         return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'epoch': epoch, 'step': step, 'best': dict(best), 'rng': states,
-                'meters': epoch_meters.state_dict() if epoch_meters is not None else None,
-                'args': resolved_config(args), 'num_classes': num_classes, 'model_name': args.model}
+                'epoch': epoch, 'step': step, 'best': dict(best), 'skip_streak': streak.state_dict(),
+                'ranks': ranks, 'world_size': env.world_size, 'args': resolved_config(args),
+                'num_classes': num_classes, 'classes': loaders.classes, 'model_name': args.model}
+
+    def write_checkpoints(state, names):
+        """Write ``state`` to each file of ``names`` in order, on rank 0; a failure stops every rank."""
+        nonlocal newest
+        require_finite(state['model'], state['epoch'], state['step'], newest)
+        run_on_main(lambda: [save_checkpoint(state, run_dir / name) for name in names], env.is_main)
+        newest = f'{run_dir / names[-1]} (epoch {state["epoch"]}, step {state["step"]})'
 
     runlog = RunLog(run_dir, env.is_main, start_epoch)
     if env.is_main:
@@ -134,7 +149,7 @@ def main(argv) -> int:
         diagnostics = Diagnostics(model, loss_fn, probe, args.diagnostics_interval, run_dir, runlog,
                                   args.diagnostics_mask)
         parts.grad_observer = diagnostics.observe_grads
-    preemption = PreemptionFlag().install()
+    preemption.training_started()
 
     # ---- the epoch loop
     for epoch in range(start_epoch, num_epochs):
@@ -155,39 +170,39 @@ def main(argv) -> int:
             if event.step % args.log_interval == 0 or event.step == event.steps_in_epoch:
                 scalars = {'loss': event.loss.item(), 'lr': optimizer.param_groups[0]['lr'],
                            'grad_norm': event.grad_norm.item()}
-                check_skips(event.meters, reported_skips, args.max_skipped_steps, epoch, event.step)
+                check_skips(streak, event.meters, reported_skips, args.max_skipped_steps, epoch, event.step, newest)
             runlog.step(global_step, event.step, scalars)
             if diagnostics is not None:
                 diagnostics.after_step(epoch, global_step, event.loss, event.logits)
             stop = preemption.requested()
             if stop or (args.recovery_interval and event.step % args.recovery_interval == 0
                         and event.step < event.steps_in_epoch):
-                state = checkpoint_state(epoch, event.step, event.meters)
-                if env.is_main:
-                    save_checkpoint(state, run_dir / 'recovery.pth')
+                write_checkpoints(checkpoint_state(epoch, event.step, event.meters), ['recovery.pth'])
                 if stop:
                     barrier()
                     raise Preempted(f'{preemption.signal_name or "signal"} at epoch {epoch} step {event.step}: '
                                     f'recovery checkpoint in {run_dir}; continue with --resume auto')
 
         train_metrics = train_one_epoch(parts, loaders.train, env.device, args.grad_accum_steps, skip,
-                                        meters if epoch == start_epoch else None, on_step)
+                                        meters if epoch == start_epoch else None, streak, on_step)
+        if train_metrics['skipped_steps'] >= steps_per_epoch:
+            raise TrainingDiverged(f'every step of epoch {epoch} had a non-finite loss or gradient, so the model did '
+                                   f'not change; {newest_checkpoint_line(newest)}')
         if loaders.train_dataset is not None:
             unreadable = torch.tensor([loaders.train_dataset.unreadable_count() - unreadable_before])
             train_metrics['unreadable'] = int(all_reduce_sum(unreadable.to(env.device)).item())
         eval_metrics = evaluate(trained, loaders.val, env.device, amp_dtype, args.channels_last)
         lr = optimizer.param_groups[0]['lr']
-        runlog.end_epoch(epoch, train_metrics, eval_metrics, lr)
+        # Epoch-end writes, in this order: the position in last.pth comes last, so a crash before it repeats the
+        # epoch, and the repeat writes the summary row, best.pth and epoch_<N>.pth again (pgt/checkpoint.py).
+        run_on_main(lambda: runlog.end_epoch(epoch, train_metrics, eval_metrics, lr), env.is_main)
         is_best = eval_metrics['top1'] > best['top1']
         if is_best:
             best.update(top1=eval_metrics['top1'], epoch=epoch)
-        state = checkpoint_state(epoch + 1, 0, None)
-        if env.is_main:
-            save_checkpoint(state, run_dir / 'last.pth')
-            if is_best:
-                save_checkpoint(state, run_dir / 'best.pth')
-            if args.checkpoint_interval and (epoch + 1) % args.checkpoint_interval == 0:
-                save_checkpoint(state, run_dir / f'epoch_{epoch + 1}.pth')
+        names = ['best.pth'] if is_best else []
+        if args.checkpoint_interval and (epoch + 1) % args.checkpoint_interval == 0:
+            names.append(f'epoch_{epoch + 1}.pth')
+        write_checkpoints(checkpoint_state(epoch + 1, 0, None), names + ['last.pth'])
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch and epoch + 1 < num_epochs:
             log.info('stopping after epoch %d as asked (--stop-after-epoch); continue with --resume auto', epoch)
             break
@@ -199,16 +214,47 @@ def main(argv) -> int:
     return 0
 
 
-def check_skips(meters: EpochMeters, reported: list, limit: int, epoch: int, step: int) -> None:
-    """Log newly skipped steps (non-finite loss or gradient); stop after ``limit`` consecutive ones."""
-    skipped, consecutive = int(meters.skipped_steps), int(meters.consecutive_skips)
+def check_resumable(resume: tuple[Path, dict], args, classes: list[str], world_size: int) -> None:
+    """A checkpoint continues this run only if it was written by the same model, on the same classes, under the
+    same configuration (unless --allow-config-change): otherwise two runs would be mixed in one."""
+    path, state = resume
+    if state.get('model_name') != args.model:
+        raise UsageError(f'{path} holds a {state.get("model_name")} checkpoint; this run builds a {args.model}')
+    if 'classes' in state:
+        check_same_classes(classes, state['classes'], f'{args.data_dir}/train', f'the checkpoint {path}')
+    changes = config_changes(state['args'], resolved_config(args), state['world_size'], world_size)
+    if changes and not args.allow_config_change:
+        raise UsageError(f'{path} was written under another configuration ({"; ".join(changes[:4])}); pass '
+                         f'--allow-config-change to continue it anyway, or --output elsewhere for a new run')
+    if changes:
+        log.warning('continuing %s under a changed configuration: %s', path, '; '.join(changes))
+
+
+def require_finite(model_state: dict, epoch: int, step: int, newest: str | None) -> None:
+    """Never write a checkpoint with non-finite weights or buffers over a good one (one sync, at checkpoints)."""
+    floats = [t for t in model_state.values() if t.is_floating_point()]
+    if not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+        bad = [name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        raise TrainingDiverged(f'non-finite values in {", ".join(bad[:3])} at epoch {epoch} step {step}, so no '
+                               f'checkpoint was written; {newest_checkpoint_line(newest)}')
+
+
+def newest_checkpoint_line(newest: str | None) -> str:
+    return f'the newest checkpoint is {newest}' if newest else 'no checkpoint had been written'
+
+
+def check_skips(streak: SkipStreak, meters: EpochMeters, reported: list, limit: int, epoch: int, step: int,
+                newest: str | None) -> None:
+    """Log newly skipped steps (non-finite loss or gradient); stop once ``limit`` consecutive ones were seen."""
+    skipped, longest = int(meters.skipped_steps), streak.take_longest()
     if skipped > reported[0]:
         log.warning('epoch %d step %d: %d step(s) skipped so far this epoch (non-finite loss or gradients)',
                     epoch, step, skipped)
         reported[0] = skipped
-    if consecutive >= limit:
-        raise TrainingDiverged(f'{consecutive} consecutive steps with a non-finite loss or gradient at epoch {epoch} '
-                               f'step {step} (limit --max-skipped-steps {limit}); the last good checkpoint is kept')
+    if longest >= limit:
+        raise TrainingDiverged(f'{longest} consecutive steps with a non-finite loss or gradient by epoch {epoch} '
+                               f'step {step} (limit --max-skipped-steps {limit}); skipped steps changed nothing, '
+                               f'and {newest_checkpoint_line(newest)}')
 
 
 if __name__ == '__main__':

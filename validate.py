@@ -18,13 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from pgt.checkpoint import load_checkpoint
-from pgt.data import ShardedSampler, build_dataset
+from pgt.data import ShardedSampler, build_dataset, check_same_classes
 from pgt.distributed import init_distributed, shutdown
 from pgt.engine import AMP_DTYPES, evaluate
 from pgt.errors import UsageError, run_cli
-from pgt.models import create_model
+from pgt.models import create_model, load_model_state
+from pgt.preemption import ignore_stop_signals
 from pgt.runlog import setup_logging
-
 
 
 def parse_args(argv):
@@ -56,19 +56,24 @@ def main(argv) -> int:
         raise UsageError(f'{args.checkpoint}: no training configuration inside; was it written by train.py?')
     train_args = SimpleNamespace(**state['args'])
     batch_size = args.batch_size or train_args.batch_size
-    loader, num_classes = build_loader(args, train_args, batch_size, env)
-    if num_classes != state['num_classes']:
-        raise UsageError(f'{args.data_dir}/{args.split}: {num_classes} class folders, the checkpoint was '
-                         f'trained on {state["num_classes"]} classes')
+    loader, classes = build_loader(args, train_args, batch_size, env)
+    where = f'{args.data_dir}/{args.split}'
+    if 'classes' in state:
+        check_same_classes(classes, state['classes'], where, f'the checkpoint {args.checkpoint}')
+    elif len(classes) != state['num_classes']:
+        raise UsageError(f'{where}: {len(classes)} class folders, the checkpoint was trained on '
+                         f'{state["num_classes"]} classes')
     model = create_model(state['model_name'], num_classes=state['num_classes'])
-    model.load_state_dict(state['model'])
+    load_model_state(model, state, args.checkpoint, state['model_name'], state['num_classes'])
     model.to(env.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     use_amp = train_args.amp if args.amp is None else args.amp
     amp_dtype = AMP_DTYPES[train_args.amp_dtype] if use_amp else None
     result = evaluate(model, loader, env.device, amp_dtype, args.channels_last)
-    result.update(checkpoint=str(args.checkpoint), epoch=state['epoch'] - 1, model=state['model_name'],
+    # (epoch, step) is where training continues: step 0 means after epoch - 1, a recovery checkpoint is within epoch
+    epoch = state['epoch'] - 1 if state['step'] == 0 else state['epoch']
+    result.update(checkpoint=str(args.checkpoint), epoch=epoch, step=state['step'], model=state['model_name'],
                   pgt_alpha=getattr(train_args, 'pgt_alpha', None))
     if env.is_main:
         print(json.dumps(result) if args.json else format_table(result))
@@ -77,7 +82,8 @@ def main(argv) -> int:
 
 
 def build_loader(args, train_args, batch_size: int, env):
-    """The checkpoint's evaluation transform (size, crop fraction, interpolation) on the chosen backend."""
+    """The checkpoint's evaluation transform (size, crop fraction, interpolation) on the chosen backend; returns
+    (loader, class names)."""
     data_args = SimpleNamespace(data_dir=args.data_dir, img_size=train_args.img_size, crop_pct=train_args.crop_pct,
                                 interpolation=train_args.interpolation, strict_data=False, batch_size=batch_size,
                                 workers=args.workers, seed=0, dali_device=args.dali_device,
@@ -88,8 +94,8 @@ def build_loader(args, train_args, batch_size: int, env):
     dataset = build_dataset(data_args, args.split)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,
                         sampler=ShardedSampler(len(dataset), env.rank, env.world_size, shuffle=False, pad=False),
-                        pin_memory=env.device.type == 'cuda')
-    return loader, len(dataset.classes)
+                        pin_memory=env.device.type == 'cuda', worker_init_fn=ignore_stop_signals)
+    return loader, dataset.classes
 
 
 def format_table(result: dict) -> str:

@@ -1,42 +1,88 @@
-"""Checkpoints that survive crashes: atomic writes, and ``--resume auto`` that skips damaged files.
+"""Checkpoints and run directories that survive crashes, full disks and preemption.
 
 Files in a run directory: ``last.pth`` (end of the latest epoch), ``best.pth`` (best eval top-1), ``epoch_<N>.pth``
 (every --checkpoint-interval epochs) and ``recovery.pth`` (every --recovery-interval steps within an epoch, and on a
 preemption signal). Each holds everything needed to continue the same trajectory: model, optimizer, gradient
-scaler, the position (epoch, step within it), the metric accumulators of a partial epoch, and the RNG states. The
+scaler, the position (epoch, step within it), each rank's metric accumulators of a partial epoch and RNG states. The
 learning rate is a function of the position (train.py steps the scheduler to it), so no scheduler state is stored.
+
+Every file holds only tensors, numbers, strings, lists and dicts, so it is read with ``torch.load(weights_only=True)``:
+loading a checkpoint never runs code from it.
+
+Writes are atomic (temporary file, fsync, rename): a crash or a full disk at any moment leaves the old file or the
+new one, never a truncated one, and a failed write removes its temporary file. train.py writes the files of an epoch
+end in the order summary.csv, best.pth, epoch_<N>.pth, last.pth: the position recorded in last.pth is written last,
+so a crash anywhere before it repeats the epoch, which rewrites the others identically.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
+import re
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAMES = ('recovery.pth', 'last.pth')
 REQUIRED_KEYS = ('model', 'optimizer', 'epoch', 'step')
+# What makes a directory hold a run: a run that failed before writing any of these left nothing worth keeping.
+RUN_FILES = ('summary.csv', 'recovery.pth', 'last.pth', 'best.pth')
+CRASH_ENV = 'PGT_CRASH_WRITING'
 
+
+class CheckpointWriteError(RunError):
+    """A file of the run could not be written (full disk, quota, I/O error); the previous version is intact."""
+    exit_code = 1
+
+
+# ---- RNG states as tensors (no numpy arrays or tuples to unpickle)
 
 def rng_state() -> dict:
-    state = {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': np.random.get_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    """This process's RNG states: torch (CPU and the current CUDA device only), Python's and numpy's."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_key, numpy_pos, has_gauss, cached_gauss = np.random.get_state(legacy=True)
+    state = {'torch': torch.get_rng_state(),
+             'python': {'version': version, 'state': torch.tensor(python_state, dtype=torch.int64), 'gauss': gauss},
+             'numpy': {'key': torch.from_numpy(numpy_key.astype(np.int64)), 'pos': int(numpy_pos),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    python = state['python']
+    random.setstate((python['version'], tuple(python['state'].tolist()), python['gauss']))
+    numpy = state['numpy']
+    np.random.set_state(('MT19937', numpy['key'].numpy().astype(np.uint32), numpy['pos'], numpy['has_gauss'],
+                         numpy['cached_gaussian']))
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state(state['cuda'])
 
+
+def rank_state(state: dict, rank: int, world_size: int) -> tuple[dict, dict | None]:
+    """This rank's (RNG state, partial-epoch meters) from a checkpoint's per-rank entries. At the world size that
+    wrote it, each rank gets its own. At another world size the trajectory cannot be the same anyway: rank 0 takes
+    the meters of all old ranks summed (so the epoch's totals stay right) and the others start theirs at zero."""
+    ranks = state['ranks']
+    if len(ranks) == world_size:
+        return ranks[rank]['rng'], ranks[rank]['meters']
+    rng = ranks[rank]['rng'] if rank < len(ranks) else ranks[0]['rng']
+    partial = [r['meters'] for r in ranks if r['meters'] is not None]
+    if rank != 0 or not partial:
+        return rng, None
+    return rng, {key: sum(m[key] for m in partial) for key in partial[0]}
+
+
+# ---- atomic writes
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -49,66 +95,150 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write to a temporary file, flush and fsync it, then rename over ``path``: a crash or a full disk at any
-    moment leaves either the old file or the new one, never a truncated one."""
+def temp_path(path: Path) -> Path:
+    return path.with_name(f'.{path.name}.tmp')
+
+
+def _crash_here_if_asked(path: Path, data: memoryview, f) -> None:
+    """Fault injection for the crash tests: ``PGT_CRASH_WRITING=last.pth:2`` kills this process with SIGKILL half-way
+    through the second write of last.pth, as a node failure would (a partial temporary file is left behind)."""
+    name, _, nth = os.environ.get(CRASH_ENV, '').partition(':')
+    if name != path.name:
+        return
+    count = _crash_here_if_asked.counts[name] = _crash_here_if_asked.counts.get(name, 0) + 1
+    if count == int(nth or 1):
+        f.write(data[:len(data) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crash_here_if_asked.counts = {}
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write ``data`` to a temporary file, fsync it and rename it over ``path``. Any failure (full disk, quota, file
+    size limit, I/O error, an interrupt) removes the temporary file and raises CheckpointWriteError naming the path
+    and the cause; the previous ``path`` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp = temp_path(path)
+    data = memoryview(data)
     try:
         with open(tmp, 'wb') as f:
-            torch.save(state, f)
+            _crash_here_if_asked(path, data, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as error:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        kept = 'the previous checkpoint is intact' if path.exists() else 'no earlier checkpoint of that name exists'
-        raise UsageError(f'could not write checkpoint {path}: {error.strerror or error}; {kept}') from None
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: clean up, then let it through
+            raise
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else ' '.join(str(error).split())
+        kept = f'the previous {path.name} is intact' if path.exists() else f'no earlier {path.name} exists'
+        raise CheckpointWriteError(f'could not write {path}: {cause}; {kept}') from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on the CPU; a missing, truncated or foreign file is a UsageError naming it."""
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Serialise in memory, then write atomically. Serialising first matters on a full disk: torch.save writing to a
+    file reports a failed write as RuntimeError('unexpected pos ...'), losing the cause that a plain write reports."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer())
+
+
+# ---- reading
+
+def _reason(error: Exception) -> str:
+    text = ' '.join(str(error).split())
+    unsafe = re.search(r'[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)', text)  # torch words it two ways
+    if unsafe:
+        return (f'it holds a Python object ({unsafe.group(1)}) that a checkpoint of this suite never holds, so it '
+                f'was not loaded (it could run code)')
+    return text[:200]
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint on the CPU with ``weights_only=True``; a missing, truncated or foreign file is a UsageError
+    naming it. ``mmap`` maps the tensors instead of reading them (cheap look at the position of a large file)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f'checkpoint not found: {path}')
     try:
-        # weights_only=False: the file holds RNG states and the run's options, written by this project itself.
-        state = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as error:  # truncated zip, unpickling errors: all mean "not a usable checkpoint"
-        raise UsageError(f'cannot read checkpoint {path}: {" ".join(str(error).split())[:200]}') from None
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as error:  # truncated zip, a pickle with code in it, not a torch file: all "not usable"
+        raise UsageError(f'cannot read checkpoint {path}: {_reason(error)}') from None
     if not isinstance(state, dict) or 'model' not in state:
         raise UsageError(f'{path} is not a checkpoint written by train.py (no model state)')
     return state
 
 
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    names = [run_dir / name for name in ('recovery.pth', 'last.pth', 'best.pth')]
+    return [p for p in names + sorted(run_dir.glob('epoch_*.pth')) if p.is_file()]
+
+
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``run_dir`` that loads and is complete; damaged ones are skipped with a warning."""
+    """The checkpoint of ``run_dir`` furthest along the run (largest (epoch, step)) that loads and is complete.
+    Damaged files are skipped with a warning. None when the directory holds no checkpoint at all; a UsageError when
+    it holds checkpoints but none is readable (a new run there would overwrite what is left of the old one)."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / name for name in CHECKPOINT_NAMES] + list(run_dir.glob('epoch_*.pth'))
-    candidates = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for path in candidates:
+    found, problems = [], []
+    for path in checkpoint_files(run_dir):
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, mmap=True)
         except UsageError as error:
+            problems.append(str(error))
             log.warning('skipping %s', error)
             continue
-        if all(key in state for key in REQUIRED_KEYS):
-            return path, state
-        log.warning('skipping %s: incomplete (no %s)', path, [k for k in REQUIRED_KEYS if k not in state])
-    return None
+        missing = [key for key in REQUIRED_KEYS if key not in state]
+        if missing:
+            problems.append(f'{path}: incomplete (no {", ".join(missing)})')
+            log.warning('skipping %s: incomplete (no %s)', path, ', '.join(missing))
+            continue
+        found.append(((int(state['epoch']), int(state['step'])), path))
+    if not found:
+        if problems:
+            raise UsageError(f'{run_dir} holds checkpoints but none is readable ({"; ".join(problems)[:300]}); '
+                             f'move them away, or pass --overwrite to start the run again')
+        return None
+    _, path = max(found, key=lambda item: item[0])
+    return path, load_checkpoint(path)
 
 
-RUN_MARKERS = ('summary.csv', 'config.yaml', 'last.pth', 'best.pth', 'recovery.pth')
+# ---- run directories
+
+def existing_run_files(run_dir: Path) -> list[str]:
+    names = [name for name in RUN_FILES if (run_dir / name).exists()]
+    return names + sorted(p.name for p in run_dir.glob('epoch_*.pth'))
+
+
+def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse, before anything is written, an --output that is a file, or that holds another run which this one
+    would neither resume nor be allowed to replace."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f'--output {run_dir} is a file, not a directory')
+    if run_dir.is_dir() and not resume and not overwrite:
+        found = existing_run_files(run_dir)
+        if found:
+            raise UsageError(f'{run_dir} already holds a run ({", ".join(found[:4])}); pass --resume auto to '
+                             f'continue it, --overwrite to replace it, or another --output')
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """A new run never writes into a directory that holds another run, unless it resumes it or --overwrite is given
-    (then the old summary.csv is replaced; checkpoints are replaced as the new run writes its own)."""
-    found = [name for name in RUN_MARKERS if (run_dir / name).exists()]
-    if found and not resume and not overwrite:
-        raise UsageError(f'{run_dir} already holds a run ({", ".join(found)}); pass --resume auto to continue it, '
-                         f'--overwrite to replace it, or another --output')
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the run directory and check that it is writable. ``--overwrite`` (without --resume) removes the old
+    run's files first, so that a crash of the new run can never resume the old one. Temporary files that a killed
+    process left behind are removed."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / '.write-test.tmp'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f'cannot write to --output {run_dir}: {error.strerror or error}') from None
     if overwrite and not resume:
-        (run_dir / 'summary.csv').unlink(missing_ok=True)
+        for name in (*existing_run_files(run_dir), 'config.yaml'):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / 'tb', ignore_errors=True)
+    for orphan in run_dir.glob('.*.tmp'):
+        orphan.unlink(missing_ok=True)

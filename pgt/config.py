@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,13 @@ from .errors import UsageError
 META_KEYS = ('base', 'paper')
 # Run control, not part of a recipe: left out of the resolved config.yaml so that it can be passed back as --config.
 RUN_CONTROL_KEYS = ('config', 'resume', 'overwrite', 'dry_run', 'debug', 'output', 'data_dir',
-                    'stop_after_epoch')
+                    'stop_after_epoch', 'allow_config_change')
+# Options that may differ between the jobs of one run without changing what it trains. The per-GPU batch may change
+# with the number of GPUs (--global-batch-size): the global batch is compared instead (pgt.config.config_changes).
+OPERATIONAL_KEYS = ('workers', 'log_interval', 'recovery_interval', 'checkpoint_interval', 'max_skipped_steps',
+                    'strict_data', 'data_backend', 'dali_device', 'torchcompile', 'diagnostics',
+                    'diagnostics_interval', 'diagnostics_mask', 'paper', 'batch_size', 'grad_accum_steps',
+                    'global_batch_size')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--output', metavar='DIR', help='run directory (default: runs/<model>-<time>)')
     g.add_argument('--resume', metavar='PATH|auto', help="checkpoint to continue from; 'auto' picks the newest valid "
                                                          'checkpoint in --output')
-    _bool_flag(g, '--overwrite', 'allow writing into a run directory that already holds a run')
+    _bool_flag(g, '--overwrite', 'replace the run that --output holds (its checkpoints and logs are deleted)')
+    _bool_flag(g, '--allow-config-change', 'resume a run under a configuration other than the one it started with')
     _bool_flag(g, '--dry-run', 'resolve and print the configuration, then exit')
     _bool_flag(g, '--debug', 'show tracebacks for errors')
     g.add_argument('--seed', type=int, default=42)
@@ -209,31 +217,119 @@ def recipe_to_defaults(recipe: dict, sources: dict, parser: argparse.ArgumentPar
 
 
 def parse_config(argv: Sequence[str]) -> argparse.Namespace:
-    """defaults < YAML recipe (with its bases) < command line. ``args.paper`` holds the recipe's paper block."""
+    """defaults < YAML recipe (with its bases) < command line. ``args.paper`` holds the recipe's paper block and
+    ``args._origins`` where each value came from (for error messages)."""
     parser = build_parser()
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument('--config')
     known, _ = config_only.parse_known_args(argv)
-    recipe = {}
+    recipe, sources = {}, {}
     if known.config:
         recipe, sources = load_recipe(known.config)
         parser.set_defaults(**recipe_to_defaults(recipe, sources, parser))
-    args = parser.parse_args(argv)
+    # argparse fills in a default only for attributes the namespace lacks: those still unset were not on the command
+    # line, which tells where each value comes from.
+    unset = object()
+    args = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != 'help'}))
+    actions = _actions_by_key(parser)
+    origins = {}
+    for dest, value in vars(args).items():
+        option = '--' + dest.replace('_', '-')
+        if value is unset:
+            setattr(args, dest, parser.get_default(dest))
+            key = next((k for k in sources if k in actions and actions[k].dest == dest), None)
+            origins[dest] = f'{sources[key]}: key {key!r}' if key else f'default {option}'
+        else:
+            origins[dest] = option
     args.paper = recipe.get('paper')
+    args._origins = origins
     return args
 
 
 def resolved_config(args: argparse.Namespace) -> dict:
     """The configuration a run used, as a recipe that ``--config`` accepts again."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL_KEYS and v is not None}
+    return {k: v for k, v in sorted(vars(args).items())
+            if k not in RUN_CONTROL_KEYS and not k.startswith('_') and v is not None}
+
+
+def config_changes(saved: dict, current: dict, saved_world_size: int, world_size: int) -> list[str]:
+    """What would make a resumed run train something other than the run it continues: every option outside
+    OPERATIONAL_KEYS, and the global batch. Returns 'name: old -> new' entries."""
+    changes = [f'{key}: {saved.get(key)} -> {current.get(key)}' for key in sorted(set(saved) | set(current))
+               if key not in OPERATIONAL_KEYS and saved.get(key) != current.get(key)]
+
+    def global_batch(config, ranks):
+        return config.get('batch_size', 0) * config.get('grad_accum_steps', 1) * ranks
+
+    if global_batch(saved, saved_world_size) != global_batch(current, world_size):
+        changes.append(f'global batch: {global_batch(saved, saved_world_size)} -> {global_batch(current, world_size)}')
+    return changes
 
 
 def save_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(resolved_config(args), sort_keys=False))
+    from .checkpoint import write_atomic
+    write_atomic(path, yaml.safe_dump(resolved_config(args), sort_keys=False).encode())
+
+
+def _where(args: argparse.Namespace, dest: str) -> str:
+    return getattr(args, '_origins', {}).get(dest, '--' + dest.replace('_', '-'))
+
+
+def _check_range(args, dest: str, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """Every value of option ``dest`` (a number or a list of numbers) lies in the interval; the error names where
+    the value came from (recipe file and key, or the command-line option)."""
+    values = getattr(args, dest)
+    for value in values if isinstance(values, list) else [values]:
+        if value is None:
+            continue
+        if (low is not None and (value < low or (low_open and value == low))) or \
+                (high is not None and (value > high or (high_open and value == high))):
+            lower = '' if low is None else f'{"(" if low_open else "["}{low}'
+            upper = '' if high is None else f'{high}{")" if high_open else "]"}'
+            bound = f'in {lower}, {upper}' if lower and upper else (
+                f'{">" if low_open else ">="} {low}' if lower else f'{"<" if high_open else "<="} {high}')
+            raise UsageError(f'{_where(args, dest)}: must be {bound}, got {value}')
+
+
+FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)
+    'lr': (0, None, True, False), 'warmup_lr': (0, None, False, False), 'min_lr': (0, None, False, False),
+    'momentum': (0, 1, False, True), 'weight_decay': (0, None, False, False), 'smoothing': (0, 1, False, True),
+    'mixup': (0, None, False, False), 'cutmix': (0, None, False, False), 'hflip': (0, 1, False, False),
+    'color_jitter': (0, None, False, False), 'crop_pct': (0, 1, True, False), 'scale': (0, 1, True, False),
+    'ratio': (0, None, True, False), 'decay_rate': (0, None, True, False), 'decay_epochs': (0, None, True, False),
+    'clip_grad': (0, None, True, False), 'pgt_alpha': (0, 1, False, False), 'diagnostics_mask': (0, 1, False, True),
+}
+INT_MINIMA = {'batch_size': 1, 'grad_accum_steps': 1, 'epochs': 1, 'log_interval': 1, 'max_skipped_steps': 1,
+              'img_size': 1, 'synthetic_steps': 1, 'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1,
+              'workers': 0, 'seed': 0, 'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0,
+              'recovery_interval': 0, 'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0}
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Every number finite and in its range, the pairs ordered, and PGT starting within the run."""
+    for dest, value in vars(args).items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise UsageError(f'{_where(args, dest)}: must be a finite number, got {value}')
+    for dest, (low, high, low_open, high_open) in FLOAT_RANGES.items():
+        _check_range(args, dest, low, high, low_open, high_open)
+    for dest, low in INT_MINIMA.items():
+        _check_range(args, dest, low)
+    for dest in ('scale', 'ratio'):
+        if getattr(args, dest)[0] > getattr(args, dest)[1]:
+            raise UsageError(f'{_where(args, dest)}: the minimum is above the maximum: {getattr(args, dest)}')
+    if args.pgt_alpha is not None:
+        from .optim import total_epochs
+        epochs = total_epochs(args)
+        if args.pgt_start_epoch >= epochs:
+            raise UsageError(f'{_where(args, "pgt_start_epoch")}: {args.pgt_start_epoch} is not an epoch of this run '
+                             f'(0-{epochs - 1}), so PGT would never be applied')
 
 
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Checks that need the whole configuration (and the world size), and the per-GPU batch from the global one."""
+    check_values(args)
     if args.global_batch_size is not None:
         per_update = world_size * args.grad_accum_steps
         if args.global_batch_size % per_update:
@@ -244,11 +340,6 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         import torch
         cuda_without_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
         args.amp_dtype = 'float16' if cuda_without_bf16 else 'bfloat16'
-    if args.pgt_alpha is not None and not 0.0 <= args.pgt_alpha <= 1.0:
-        raise UsageError(f'--pgt-alpha must be in [0, 1], got {args.pgt_alpha}')
-    for name in ('batch_size', 'grad_accum_steps', 'epochs', 'log_interval', 'max_skipped_steps'):
-        if getattr(args, name) < 1:
-            raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix need an even per-GPU batch, got {args.batch_size}')
     if args.clip_mode == 'agc' and args.clip_grad is None:

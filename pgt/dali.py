@@ -15,14 +15,19 @@ padded: shards partition the list and the last partial batch is kept, so every i
 """
 from __future__ import annotations
 
+import logging
 import math
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.datasets import ImageFolder
 
-from .data import Loaders, check_split
-from .errors import UsageError
+from .data import Loaders, check_same_classes, check_split, scan_image_folder
+from .errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = ('pip install -r requirements-dali.txt (nvidia-dali-cuda130 for CUDA 13, nvidia-dali-cuda120 for '
                 'CUDA 12)')
@@ -38,11 +43,43 @@ def _import_dali():
     return fn, pipeline_def, types, DALIClassificationIterator, LastBatchPolicy
 
 
-def image_list(data_dir, split: str) -> tuple[list[str], list[int], int]:
-    """Files and labels exactly as torchvision's ImageFolder assigns them."""
-    folder = ImageFolder(str(check_split(data_dir, split)), allow_empty=True)
-    files, labels = zip(*folder.samples) if folder.samples else ((), ())
-    return list(files), list(labels), len(folder.classes)
+def image_list(data_dir, split: str) -> tuple[list[str], list[int], list[str]]:
+    """Files, labels and class names exactly as the torch backend assigns them (pgt.data.scan_image_folder)."""
+    classes, samples = scan_image_folder(check_split(data_dir, split))
+    files, labels = zip(*samples) if samples else ((), ())
+    return list(files), list(labels), classes
+
+
+def first_undecodable(files: list[str]) -> tuple[str, str] | None:
+    """The first of ``files`` that PIL cannot decode, with the reason. DALI stops the whole pipeline on a file it
+    cannot decode without naming it, so after such a stop the files are decoded again here (threads: PIL releases
+    the GIL while decoding) to tell the user which one it was."""
+    def problem(path):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:
+            return ' '.join(str(error).split())
+        return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for path, reason in zip(files, pool.map(problem, files)):
+            if reason is not None:
+                return path, reason
+    return None
+
+
+def decoding_error(error: Exception, files: list[str]) -> DataError:
+    """One line for a DALI pipeline that stopped on an image: the file, found with PIL, and what to do."""
+    dali_reason = re.search(r'encountered:\s*(.+)', str(error))
+    dali_reason = dali_reason.group(1).strip() if dali_reason else ' '.join(str(error).split())[:200]
+    log.warning('DALI stopped (%s); decoding the files with PIL to find the culprit', dali_reason)
+    found = first_undecodable(files)
+    if found is None:
+        return DataError(f'DALI could not decode an image ({dali_reason}), although PIL decodes every file; '
+                         f'use --data-backend torch')
+    return DataError(f'cannot read image {found[0]}: {found[1]} (DALI: {dali_reason}); remove or replace it, or '
+                     f'use --data-backend torch, which replaces unreadable training images')
 
 
 def pad_to_multiple(files: list, labels: list, world_size: int) -> tuple[list, list]:
@@ -95,11 +132,12 @@ class DaliLoader:
     """A DALI pipeline behind the interface train.py expects of a loader: ``len``, ``sampler.set_epoch`` and
     (images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank."""
 
-    def __init__(self, pipe, training: bool, steps: int | None):
+    def __init__(self, pipe, training: bool, steps: int | None, files: list[str]):
         *_, iterator_cls, policy = _import_dali()
         self.iterator = iterator_cls(pipe, reader_name='Reader', auto_reset=True,
                                      last_batch_policy=policy.DROP if training else policy.PARTIAL)
         self.steps = steps if steps is not None else len(self.iterator)
+        self.files = files
         self.skip = 0
         self.sampler = self  # train.py calls loader.sampler.set_epoch(epoch, skip_batches)
 
@@ -113,6 +151,7 @@ class DaliLoader:
         # DALI restarts an epoch only after the last one ended: batches past ``steps``, and those a consumer leaves
         # (taking one probe batch, a benchmark stopping early), are drained rather than left for the next epoch.
         batches = enumerate(self.iterator)
+        drain = True
         try:
             for i, batch in batches:
                 if self.skip <= i < self.steps:
@@ -120,9 +159,15 @@ class DaliLoader:
                     if images.dim() == 4 and images.shape[-1] == 3:  # HWC: NCHW view with channels-last strides
                         images = images.permute(0, 3, 1, 2)
                     yield images, labels.squeeze(-1).long()
+        except RuntimeError as error:
+            if 'pipeline' not in str(error):
+                raise
+            drain = False  # the pipeline is no longer valid
+            raise decoding_error(error, self.files) from None
         finally:
-            for _ in batches:
-                pass
+            if drain:
+                for _ in batches:
+                    pass
             self.skip = 0
 
 
@@ -135,11 +180,11 @@ def _dali_setup(args, device: torch.device):
 
 
 def build_dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
-    """The evaluation pipeline alone (validate.py); returns (loader, number of classes)."""
+    """The evaluation pipeline alone (validate.py); returns (loader, class names)."""
     gpu, device_id = _dali_setup(args, device)
     files, labels, classes = image_list(args.data_dir, split)
     loader = DaliLoader(_build_pipeline(False, files, labels, args, rank, world_size, gpu, device_id),
-                        training=False, steps=None)
+                        training=False, steps=None, files=files)
     return loader, classes
 
 
@@ -147,13 +192,12 @@ def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -
     gpu, device_id = _dali_setup(args, device)
     train_files, train_labels, classes = image_list(args.data_dir, 'train')
     val, val_classes = build_dali_val_loader(args, rank, world_size, device)
-    if classes != val_classes:
-        raise UsageError(f'{args.data_dir}: train/ has {classes} class folders, val/ has {val_classes}')
+    check_same_classes(val_classes, classes, f'{args.data_dir}/val', 'train/')
     train_files, train_labels = pad_to_multiple(train_files, train_labels, world_size)
     steps = len(train_files) // world_size // args.batch_size
     if steps == 0:
         raise UsageError(f'{args.data_dir}/train: {len(train_files)} images give no full batch of '
                          f'{args.batch_size} per rank over {world_size} rank(s)')
     train = DaliLoader(_build_pipeline(True, train_files, train_labels, args, rank, world_size, gpu, device_id),
-                       training=True, steps=steps)
+                       training=True, steps=steps, files=train_files)
     return Loaders(train, val, classes)

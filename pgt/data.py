@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import DataError, UsageError
+from .preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 _MAX_WORKER_SLOTS = 256
@@ -44,8 +45,50 @@ def check_split(data_dir: str | os.PathLike, split: str) -> Path:
     return split_dir
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def scan_image_folder(split_dir: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and (path, label) samples of an ImageNet-layout split, in torchvision ImageFolder's order, without
+    its two ways of mislabelling: ImageFolder follows every symbolic link, so a link inside one class folder that
+    points into another class (or into the split itself) silently relabels that class's images, and a link to an
+    ancestor folder loops. Here such links are reported with a warning and not followed; links that lead out of
+    the split (to a shared store, as dataset managers make them) are followed. Labels are as ImageFolder gives
+    them: class folders (links included) sorted by name."""
+    split_dir = os.fspath(split_dir)
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    split_real = os.path.realpath(split_dir)
+    class_reals = [os.path.realpath(os.path.join(split_dir, name)) for name in classes]
+    samples, refused = [], []
+    for label, (name, own_real) in enumerate(zip(classes, class_reals)):
+        folders = {}  # folder path (as ImageFolder names it) -> image file names
+        stack, visited = [(os.path.join(split_dir, name), own_real)], {own_real}
+        while stack:
+            folder, folder_real = stack.pop()
+            files = folders.setdefault(folder, [])
+            for entry in os.scandir(folder):
+                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(folder_real, entry.name)
+                if entry.is_symlink() and os.path.exists(real) and not _inside(real, own_real) and (
+                        _inside(real, split_real) or any(_inside(real, other) for other in class_reals)):
+                    refused.append(f'{entry.path} -> {real} (outside its class folder)')
+                elif entry.is_dir():
+                    if real in visited:
+                        refused.append(f'{entry.path} -> {real} (a loop)')
+                    else:
+                        visited.add(real)
+                        stack.append((entry.path, real))
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    files.append(entry.name)
+        samples += [(os.path.join(folder, f), label) for folder in sorted(folders) for f in sorted(folders[folder])]
+    if refused:
+        log.warning('%s: %d symbolic link(s) not followed, so that no image is read under another class: %s%s',
+                    split_dir, len(refused), '; '.join(refused[:5]), '; ...' if len(refused) > 5 else '')
+    return classes, samples
+
+
 class ImageFolderWithRecovery(ImageFolder):
-    """ImageFolder that survives unreadable files.
+    """ImageFolder that survives unreadable files and does not follow links into other classes.
 
     Training (``replace=True``) logs the path and returns the next readable sample instead; validation
     (``replace=False``) returns a zero image with target -1 so that the evaluation counts it and leaves it out.
@@ -57,6 +100,10 @@ class ImageFolderWithRecovery(ImageFolder):
         super().__init__(str(root), transform=transform, allow_empty=True)
         self.replace, self.strict, self.image_size = replace, strict, image_size
         self._unreadable = torch.zeros(_MAX_WORKER_SLOTS + 1, dtype=torch.int64).share_memory_()
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """ImageFolder's hook for the file scan (called by its constructor): ``scan_image_folder``."""
+        return scan_image_folder(directory)[1]  # the same sorted class folders as ImageFolder's class_to_idx
 
     def unreadable_count(self) -> int:
         return int(self._unreadable.sum())
@@ -163,22 +210,33 @@ def build_dataset(args, split: str) -> ImageFolderWithRecovery:
                                    replace=training, strict=args.strict_data, image_size=args.img_size)
 
 
+def check_same_classes(found: list[str], expected: list[str], where: str, expected_from: str) -> None:
+    """A model evaluated on class folders other than those it was trained on reports a meaningless top-1: refuse."""
+    if found != expected:
+        different = sorted(set(found) ^ set(expected))
+        example = f'e.g. {", ".join(different[:3])}' if different else 'the same names in another order'
+        raise UsageError(f'{where}: class folders differ from those of {expected_from} ({len(found)} vs '
+                         f'{len(expected)} classes; {example})')
+
+
 @dataclass
 class Loaders:
     train: object
     val: object
-    num_classes: int
+    classes: list[str]
     train_dataset: object = None  # the torch backend's, which counts unreadable images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
     train_set, val_set = build_dataset(args, 'train'), build_dataset(args, 'val')
-    if train_set.classes != val_set.classes:
-        missing = sorted(set(train_set.classes) ^ set(val_set.classes))[:3]
-        raise UsageError(f'{args.data_dir}: train/ and val/ have different class folders (e.g. {", ".join(missing)})')
+    check_same_classes(train_set.classes, val_set.classes, f'{args.data_dir}/val', 'train/')
     # The loader's own generator: its worker seeds must not draw from (and so shift) the training RNG stream.
     common = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
-                  generator=torch.Generator().manual_seed(args.seed))
+                  generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_stop_signals)
     train_sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed, pad=True,
                                    batch_size=args.batch_size, seed_samples=True)
     val_sampler = ShardedSampler(len(val_set), rank, world_size, shuffle=False, pad=False)
@@ -187,7 +245,7 @@ def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) 
     if len(train) == 0:
         raise UsageError(f'{args.data_dir}/train: {len(train_set)} images give no full batch of {args.batch_size} '
                          f'per rank over {world_size} rank(s)')
-    return Loaders(train, val, len(train_set.classes), train_set)
+    return Loaders(train, val, train_set.classes, train_set)
 
 
 class SyntheticLoader:
@@ -215,7 +273,7 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loa
         classes = args.num_classes or 1000
         train = SyntheticLoader(args.batch_size, args.img_size, classes, args.synthetic_steps, device, args.seed)
         val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
-        return Loaders(train, val, classes)
+        return Loaders(train, val, [f'class_{i}' for i in range(classes)])
     if args.data_backend == 'dali':
         from .dali import build_dali_loaders
         return build_dali_loaders(args, rank, world_size, device)

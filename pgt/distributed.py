@@ -8,6 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import RunError
+
 
 @dataclass
 class DistEnv:
@@ -61,12 +63,39 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def broadcast_object(value, src: int = 0):
     if dist.is_available() and dist.is_initialized():
         box = [value]
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return value
+
+
+def all_gather_object(value) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
+def run_on_main(fn, is_main: bool) -> None:
+    """Run ``fn`` on rank 0 only and raise its RunError on every rank, so that no rank goes on into a collective
+    that rank 0, stopped by a full disk for example, will never join."""
+    error = None
+    if is_main:
+        try:
+            fn()
+        except RunError as caught:
+            error = caught
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def barrier():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, world_size
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}  # --amp-dtype names
 
@@ -35,6 +35,7 @@ class TrainingParts:
     channels_last: bool = False
     mixup: Callable | None = None
     grad_observer: Callable[[float], None] | None = None  # sees the unscaled gradients before the update (lr)
+    buffer_guard: BufferGuard | None = None  # undoes a skipped update's changes to buffers (BN statistics)
 
     def autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -43,24 +44,29 @@ class TrainingParts:
 
 
 def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """float16: PyTorch's dynamic loss scaling. bfloat16 and float32 need no scaling, only the skip of non-finite
+    updates: the scale stays 1, and a skipped update leaves it unchanged (the constructor refuses a backoff factor
+    of 1, the setter does not), so that a skip changes no state at all."""
     if amp_dtype == torch.float16:
         return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30)
+    scaler.set_backoff_factor(1.0)
+    return scaler
 
 
 @dataclass
 class EpochMeters:
-    """Running sums of an epoch, kept on the device; saved in recovery checkpoints to resume mid-epoch exactly."""
+    """Running sums of an epoch on one rank, kept on the device; saved (per rank) in recovery checkpoints to resume
+    mid-epoch exactly."""
     loss_sum: torch.Tensor
     correct: torch.Tensor
     seen: torch.Tensor
     skipped_steps: torch.Tensor
-    consecutive_skips: torch.Tensor
 
     @classmethod
     def zeros(cls, device):
         z = lambda dtype: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
-        return cls(z(torch.float64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64))
+        return cls(z(torch.float64), z(torch.int64), z(torch.int64), z(torch.int64))
 
     def state_dict(self):
         return {k: v.cpu() for k, v in self.__dict__.items()}
@@ -68,6 +74,64 @@ class EpochMeters:
     @classmethod
     def from_state(cls, state, device):
         return cls(**{k: v.to(device) for k, v in state.items()})
+
+
+@dataclass
+class SkipStreak:
+    """Consecutive skipped updates (non-finite loss or gradients), counted across epoch boundaries so that a
+    divergence does not start again from zero with each epoch. ``longest`` is the longest streak since the last
+    ``take_longest``, so that checking only at logging intervals misses no streak. Device tensors: no sync per step."""
+    current: torch.Tensor
+    longest: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device):
+        return cls(torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    def update(self, finite: torch.Tensor) -> None:
+        self.current.copy_(torch.where(finite, 0, self.current + 1))
+        torch.maximum(self.longest, self.current, out=self.longest)
+
+    def take_longest(self) -> int:
+        longest = int(self.longest)
+        self.longest.copy_(self.current)
+        return longest
+
+    def state_dict(self):
+        return {'current': int(self.current)}
+
+    def load_state_dict(self, state):
+        self.current.fill_(state['current'])
+        self.longest.fill_(state['current'])
+
+
+class BufferGuard:
+    """Undoes what the forward pass of a skipped update did to the module's buffers (batch-norm running statistics
+    and their counters). The scaler skips an update whose gradients are not finite, leaving weights and optimizer
+    state as they were; the buffers must stay too, or one NaN batch leaves NaN running statistics in every later
+    checkpoint. No host synchronisation: the buffers are flattened per dtype before the step and selected back with
+    torch.where after it, a handful of kernels per step whatever the model's size."""
+
+    def __init__(self, module: torch.nn.Module):
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in module.buffers():
+            if buffer.numel():
+                groups.setdefault(buffer.dtype, []).append(buffer)
+        self.groups = list(groups.values())
+        self.saved: list[torch.Tensor] = []
+
+    @staticmethod
+    def _flat(group):
+        return torch.cat([b.reshape(-1) for b in group])
+
+    def save(self) -> None:
+        self.saved = [self._flat(group) for group in self.groups]
+
+    def restore_unless(self, finite: torch.Tensor) -> None:
+        for group, saved in zip(self.groups, self.saved):
+            kept = torch.where(finite, self._flat(group), saved)
+            torch._foreach_copy_(group, [part.view_as(b) for part, b in zip(kept.split([b.numel() for b in group]),
+                                                                             group)])
 
 
 def to_device(images, targets, device, channels_last: bool):
@@ -83,6 +147,8 @@ def train_step(parts: TrainingParts, micro_batches, device: torch.device):
     is non-finite exactly when the scaler skips the update."""
     model, n = parts.model, len(micro_batches)
     losses, logits_list = [], []
+    if parts.buffer_guard is not None:
+        parts.buffer_guard.save()
     for i, (images, targets) in enumerate(micro_batches):
         # DDP: all-reduce gradients only on the last micro-batch of the update.
         sync = i == n - 1 or not hasattr(model, 'no_sync')
@@ -94,6 +160,8 @@ def train_step(parts: TrainingParts, micro_batches, device: torch.device):
         losses.append(loss.detach())
         logits_list.append(logits.detach())
     grad_norm = optimizer_update(parts)
+    if parts.buffer_guard is not None:
+        parts.buffer_guard.restore_unless(torch.isfinite(grad_norm))
     return losses, logits_list, grad_norm
 
 
@@ -123,13 +191,14 @@ class StepEvent:
 
 
 def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_steps: int = 1, start_step: int = 0,
-                    meters: EpochMeters | None = None,
+                    meters: EpochMeters | None = None, streak: SkipStreak | None = None,
                     on_step: Callable[[StepEvent], None] | None = None) -> dict:
     """Train over ``loader`` from update ``start_step`` on; ``on_step`` runs after each update (logging,
     checkpoints, preemption, diagnostics). Returns the epoch's loss, top-1 (running average over the epoch, as the
-    published logs report), images/s and skipped steps, averaged over ranks."""
+    published logs report), images/s and skipped steps, over all ranks."""
     parts.model.train()
     meters = meters or EpochMeters.zeros(device)
+    streak = streak or SkipStreak.zeros(device)
     steps_in_epoch = start_step + len(loader) // accum_steps
     micro, step, images_seen, timer = [], start_step, 0, None
     for images, targets in loader:
@@ -147,7 +216,7 @@ def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_st
             meters.correct += torch.where(finite, (out.argmax(-1) == y).sum(), 0)
             meters.seen += torch.where(finite, y.shape[0], 0)
         meters.skipped_steps += (~finite).long()
-        meters.consecutive_skips.copy_(torch.where(finite, 0, meters.consecutive_skips + 1))
+        streak.update(finite)
         step += 1
         images_in_step = sum(y.shape[0] for _, _, y in micro)
         if timer is None:  # time from the end of the first step: excludes start-up and compilation
@@ -174,6 +243,7 @@ def epoch_metrics(meters: EpochMeters, images_seen: int, elapsed: float) -> dict
     all_reduce_sum(totals)
     all_reduce_sum(rate)  # images/s of all ranks together
     loss_sum, correct, seen, skipped = totals.tolist()
+    skipped /= world_size()  # every rank skips the same updates (the gradients are all-reduced before the check)
     return {'loss': loss_sum / seen if seen else math.nan, 'top1': 100.0 * correct / seen if seen else math.nan,
             'img_per_sec': rate.item(), 'skipped_steps': int(skipped)}
 

@@ -1,6 +1,7 @@
 """User-facing errors: one readable line on stderr and exit code 2; the traceback only with --debug."""
 from __future__ import annotations
 
+import multiprocessing
 import re
 import sys
 from typing import Callable, Sequence
@@ -28,6 +29,12 @@ class Preempted(RunError):
     exit_code = 75  # EX_TEMPFAIL
 
 
+class StoppedDuringStartUp(BaseException):
+    """A preemption signal before training began: nothing to save, so the process stops at once. A BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` in the code it interrupts can swallow it."""
+    exit_code = Preempted.exit_code
+
+
 class DataError(UsageError):
     """An unreadable or corrupt input file; the message names the file."""
 
@@ -41,15 +48,29 @@ def one_line(error: BaseException) -> str:
     return ' '.join(text.split())
 
 
+def end_worker_processes() -> None:
+    """End the DataLoader workers (daemonic child processes) before the interpreter exits. Workers ignore SIGTERM, so
+    that a signal to the whole process group leaves the rank to handle it (pgt.preemption); but multiprocessing ends
+    daemonic children at exit with SIGTERM and then waits for them, which would wait forever. They only read images:
+    SIGKILL loses nothing."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)``; a RunError becomes ``error: <message>`` on stderr and its exit code (2 for bad input),
-    with the traceback only under ``--debug``."""
+    with the traceback only under ``--debug``. Worker processes are ended however ``main`` ends."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        sys.exit(main(argv) or 0)
-    except RunError as error:
+        code = main(argv) or 0
+    except (RunError, StoppedDuringStartUp) as error:
         if '--debug' in argv:
             raise
-        prefix = 'stopped' if isinstance(error, Preempted) else 'error'
+        prefix = 'stopped' if isinstance(error, (Preempted, StoppedDuringStartUp)) else 'error'
         print(f'{prefix}: {one_line(error)}', file=sys.stderr)
-        sys.exit(error.exit_code)
+        code = error.exit_code
+    finally:
+        end_worker_processes()
+    sys.exit(code)

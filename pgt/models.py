@@ -44,3 +44,13 @@ def check_model_name(name: str) -> None:
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     check_model_name(name)
     return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def load_model_state(model: nn.Module, state: dict, path, name: str, num_classes: int) -> None:
+    """load_state_dict with a one-line error: the first mismatch that torch lists, not its whole report."""
+    try:
+        model.load_state_dict(state['model'])
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise UsageError(f'{path} does not fit a {name} with {num_classes} classes ({detail[:160]})') from None

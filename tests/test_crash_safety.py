@@ -1,0 +1,180 @@
+"""What must survive a failing machine: a full filesystem during a checkpoint write, a divergence, and kill -9 at each
+of the writes of an epoch end. Each failure is real: a file size limit or a small tmpfs, a learning rate that
+overflows, SIGKILL at the moment the named file is half written."""
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import (BASE, ROOT, assert_same_weights, file_digests, model_state, one_line_error, run_script,
+                      summary_values)
+from pgt.engine import BufferGuard, TrainingParts, make_scaler, train_step
+from pgt.runlog import RunLog, read_summary
+
+CHECKPOINTS = ('last.pth', 'best.pth', 'recovery.pth')
+
+
+def first_epoch(tiny_data, run_dir):
+    """A good first epoch (last.pth, best.pth, recovery.pth written), then the job ends as if its time slot had."""
+    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--stop-after-epoch', 0, check=True)
+    return {name: digest for name, digest in file_digests(run_dir).items() if name in CHECKPOINTS}
+
+
+def assert_finite_checkpoints(run_dir):
+    for path in run_dir.glob('*.pth'):
+        for name, tensor in torch.load(path, weights_only=True)['model'].items():
+            assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (path.name, name)
+
+
+# ---- a full filesystem
+
+def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(straight_run, tiny_data, tmp_path):
+    run_dir = tmp_path / 'run'
+    before = first_epoch(tiny_data, run_dir)
+    limit = 20 * 2 ** 20  # a checkpoint is ~90 MB; summary.csv and TensorBoard files stay far below
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: write() fails, EFBIG
+
+    result = subprocess.run([sys.executable, 'train.py', *map(str, BASE), '--data-dir', str(tiny_data), '--output',
+                             str(run_dir), '--resume', 'auto'], cwd=ROOT, capture_output=True, text=True,
+                            preexec_fn=limit_file_size, timeout=300)
+    assert result.returncode == 1
+    assert one_line_error(result.stderr) == (f'error: could not write {run_dir}/recovery.pth: File too large; the '
+                                             f'previous recovery.pth is intact')
+    assert not list(run_dir.glob('.*.tmp'))
+    assert {name: d for name, d in file_digests(run_dir).items() if name in CHECKPOINTS} == before
+    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', check=True)
+    assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
+    assert summary_values(run_dir) == summary_values(straight_run)
+
+
+def user_namespaces_work() -> bool:
+    return shutil.which('unshare') is not None and subprocess.run(
+        ['unshare', '-Urm', 'true'], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not user_namespaces_work(), reason='a private tmpfs needs unshare -Urm (user and mount '
+                                                       'namespaces), which this system does not allow')
+def test_full_tmpfs_during_a_checkpoint_write_keeps_the_previous_one(straight_run, tiny_data, tmp_path):
+    """A real ENOSPC: the run directory is a 300 MB tmpfs, room for the first epoch's three checkpoints and one
+    temporary file, so the first write of the second job fills it."""
+    run_dir, before, after = tmp_path / 'run', tmp_path / 'before', tmp_path / 'after'
+    run_dir.mkdir()
+    train_cmd = f'{sys.executable} train.py {" ".join(map(str, BASE))} --data-dir {tiny_data} --output {run_dir}'
+    script = (f'set -e; mount -t tmpfs -o size=300m pgt-full-disk {run_dir}; '
+              f'{train_cmd} --stop-after-epoch 0 2>/dev/null; cp -a {run_dir} {before}; '
+              f'set +e; {train_cmd} --resume auto 2>{tmp_path}/stderr; echo $? >{tmp_path}/rc; '
+              f'cp -a {run_dir} {after}')
+    subprocess.run(['unshare', '-Urm', 'sh', '-c', script], cwd=ROOT, check=True, timeout=600)
+    stderr = (tmp_path / 'stderr').read_text()
+    assert (tmp_path / 'rc').read_text().strip() == '1', stderr[-3000:]
+    assert one_line_error(stderr) == (f'error: could not write {run_dir}/recovery.pth: No space left on device; the '
+                                      f'previous recovery.pth is intact')
+    assert not list(after.glob('.*.tmp'))
+    kept = {name: digest for name, digest in file_digests(before).items() if name in CHECKPOINTS}
+    assert {name: digest for name, digest in file_digests(after).items() if name in CHECKPOINTS} == kept
+    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', after, '--resume', 'auto', check=True)
+    assert_same_weights(model_state(after / 'last.pth'), model_state(straight_run / 'last.pth'))
+
+
+# ---- divergence
+
+def test_divergence_stops_with_exit_3_and_never_writes_over_a_good_checkpoint(tiny_data, tmp_path):
+    """The learning rate jumps to 1e4 after a good epoch: the activations overflow within a few steps and batch-norm
+    running variances become inf while the loss is still finite. The run must stop before writing them."""
+    run_dir = tmp_path / 'run'
+    before = first_epoch(tiny_data, run_dir)
+    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
+                        '--epochs', 4, '--lr', 1e4, '--warmup-epochs', 0, '--allow-config-change')
+    assert result.returncode == 3
+    line = one_line_error(result.stderr)
+    assert 'non-finite' in line and f'the newest checkpoint is {run_dir}/last.pth (epoch 1, step 0)' in line
+    assert {name: d for name, d in file_digests(run_dir).items() if name in CHECKPOINTS} == before
+    assert_finite_checkpoints(run_dir)
+
+
+def test_an_epoch_of_skipped_steps_stops_without_writing(poisoned_loss, tiny_data, tmp_path):
+    """Every step of the second epoch is non-finite, yet no run of consecutive skips reaches the limit within it."""
+    run_dir = tmp_path / 'run'
+    before = first_epoch(tiny_data, run_dir)
+    poisoned_loss.update(range(1, 11))  # the ten steps of epoch 1 in this process
+    argv = [*map(str, BASE), '--data-dir', str(tiny_data), '--output', str(run_dir), '--workers', '0',
+            '--resume', 'auto', '--max-skipped-steps', '100', '--epochs', '4', '--allow-config-change']
+    with pytest.raises(train.TrainingDiverged, match=r'every step of epoch 1 had a non-finite loss or gradient'):
+        train.main(argv)
+    assert {name: d for name, d in file_digests(run_dir).items() if name in CHECKPOINTS} == before
+    assert_finite_checkpoints(run_dir)
+
+
+def test_a_skipped_step_leaves_weights_optimizer_and_batch_norm_statistics_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5))
+    model(torch.randn(2, 3, 6, 6))  # materialise the lazy layer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    parts = TrainingParts(model, torch.nn.CrossEntropyLoss(), optimizer, make_scaler(torch.device('cpu'), None),
+                          buffer_guard=BufferGuard(model))
+    images, targets = torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 3])
+    train_step(parts, [(images, targets)], torch.device('cpu'))  # a finite step: momentum buffers exist now
+
+    def snapshot():
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                [s['momentum_buffer'].clone() for s in optimizer.state.values()], parts.scaler.get_scale())
+
+    weights, momenta, scale = snapshot()
+    poisoned = images.clone()
+    poisoned[0, 0, 0, 0] = float('nan')  # NaN activations: the forward pass alone would poison running_mean/var
+    *_, grad_norm = train_step(parts, [(poisoned, targets)], torch.device('cpu'))
+    assert not torch.isfinite(grad_norm)
+    after_weights, after_momenta, after_scale = snapshot()
+    for name in weights:
+        assert torch.equal(after_weights[name], weights[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(after_momenta, momenta)) and after_scale == scale
+    train_step(parts, [(images, targets)], torch.device('cpu'))
+    assert not torch.equal(model[1].running_mean, weights['1.running_mean'])  # a finite step does change them
+    assert int(model[1].num_batches_tracked) == int(weights['1.num_batches_tracked']) + 1
+
+
+# ---- kill -9 at each write of an epoch end
+
+EPOCH_END_WRITES = ['summary.csv', 'best.pth', 'epoch_1.pth', 'last.pth']
+
+
+@pytest.mark.parametrize('first_crash', EPOCH_END_WRITES)
+def test_kill_9_during_each_epoch_end_write_then_resume(first_crash, straight_run, tiny_data, tmp_path):
+    """SIGKILL half-way through writing ``first_crash`` at the end of epoch 0, then again half-way through the second
+    write of last.pth (end of epoch 1) of the resumed job, then a resume to the end: best.pth, last.pth and
+    summary.csv are those of the uninterrupted run, and no temporary file is left."""
+    run_dir = tmp_path / 'run'
+    args = [*BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', '--checkpoint-interval', 1]
+    for crash in (first_crash, 'last.pth:2'):
+        result = run_script('train.py', *args, env={'PGT_CRASH_WRITING': crash})
+        assert result.returncode == -9, result.stderr[-3000:]
+        assert (run_dir / f'.{crash.partition(":")[0]}.tmp').exists()  # killed during that very write
+    run_script('train.py', *args, check=True)
+    assert not list(run_dir.glob('.*.tmp'))
+    assert summary_values(run_dir) == summary_values(straight_run)
+    best, straight_best = (torch.load(d / 'best.pth', weights_only=True) for d in (run_dir, straight_run))
+    assert best['best'] == straight_best['best'] and best['epoch'] == straight_best['epoch']
+    assert_same_weights(best['model'], straight_best['model'])
+    assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
+    assert sorted(p.name for p in run_dir.glob('epoch_*.pth')) == ['epoch_1.pth', 'epoch_2.pth']
+
+
+def test_a_tensorboard_failure_is_one_warning_and_the_summary_is_still_written(tmp_path, caplog):
+    (tmp_path / 'tb').write_text('a file where TensorBoard wants its folder')
+    runlog = RunLog(tmp_path, enabled=True)
+    runlog.start_epoch(0, 1, 1)
+    runlog.step(1, 1, {'loss': 1.5})
+    runlog.end_epoch(0, {'loss': 1.5, 'top1': 50.0, 'img_per_sec': 10.0}, {'loss': 2.5, 'top1': 40.0, 'top5': 90.0},
+                     0.1)
+    runlog.close()
+    assert caplog.text.count('TensorBoard logging stopped') == 1
+    assert read_summary(tmp_path) == [{'epoch': '0', 'train_loss': '1.5', 'train_top1': '50.0',
+                                       'train_img_per_sec': '10.0', 'eval_loss': '2.5', 'eval_top1': '40.0',
+                                       'eval_top5': '90.0', 'lr': '0.1'}]

@@ -11,8 +11,9 @@ loading a checkpoint never runs code from it.
 
 Writes are atomic (temporary file, fsync, rename): a crash or a full disk at any moment leaves the old file or the
 new one, never a truncated one, and a failed write removes its temporary file. train.py writes the files of an epoch
-end in the order summary.csv, best.pth, epoch_<N>.pth, last.pth: the position recorded in last.pth is written last,
-so a crash anywhere before it repeats the epoch, which rewrites the others identically.
+end in the order summary.csv, best.pth, epoch_<N>.pth, last.pth, and ``--resume auto`` continues from recovery.pth
+or last.pth: the position in last.pth is written last, so a crash anywhere before it repeats the epoch (from the
+recovery checkpoint or the previous last.pth), which writes the others again, identically.
 """
 from __future__ import annotations
 
@@ -173,18 +174,18 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     return state
 
 
+RESUME_POINTS = ('recovery.pth', 'last.pth')
+
+
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    names = [run_dir / name for name in ('recovery.pth', 'last.pth', 'best.pth')]
+    names = [run_dir / name for name in (*RESUME_POINTS, 'best.pth')]
     return [p for p in names + sorted(run_dir.glob('epoch_*.pth')) if p.is_file()]
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The checkpoint of ``run_dir`` furthest along the run (largest (epoch, step)) that loads and is complete.
-    Damaged files are skipped with a warning. None when the directory holds no checkpoint at all; a UsageError when
-    it holds checkpoints but none is readable (a new run there would overwrite what is left of the old one)."""
-    run_dir = Path(run_dir)
-    found, problems = [], []
-    for path in checkpoint_files(run_dir):
+def _readable_positions(paths: list[Path], problems: list[str]) -> list[tuple[tuple[int, int], Path]]:
+    """(epoch, step) of each path that loads and is complete; the others are added to ``problems``."""
+    found = []
+    for path in paths:
         try:
             state = load_checkpoint(path, mmap=True)
         except UsageError as error:
@@ -197,6 +198,21 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | No
             log.warning('skipping %s: incomplete (no %s)', path, ', '.join(missing))
             continue
         found.append(((int(state['epoch']), int(state['step'])), path))
+    return found
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The checkpoint to continue ``run_dir`` from: of recovery.pth and last.pth, the one furthest along the run
+    (largest (epoch, step), not the newest file). best.pth and epoch_<N>.pth are written before last.pth at an epoch
+    end, so they are resume points only when neither of the two is readable: resuming from one of them while
+    last.pth is stale would skip the epoch-end writes that a crash interrupted. Damaged files are skipped with a
+    warning. None when the directory holds no checkpoint at all; a UsageError when it holds checkpoints but none is
+    readable (a new run there would overwrite what is left of the old one)."""
+    run_dir = Path(run_dir)
+    files, problems = checkpoint_files(run_dir), []
+    found = _readable_positions([p for p in files if p.name in RESUME_POINTS], problems)
+    if not found:
+        found = _readable_positions([p for p in files if p.name not in RESUME_POINTS], problems)
     if not found:
         if problems:
             raise UsageError(f'{run_dir} holds checkpoints but none is readable ({"; ".join(problems)[:300]}); '

@@ -150,8 +150,8 @@ def diagnostics_runs(tiny_data, tmp_path_factory):
 
 
 def test_diagnostics_do_not_change_the_training_trajectory(diagnostics_runs):
-    on = torch.load(diagnostics_runs / 'on' / 'last.pth', weights_only=False)['model']
-    off = torch.load(diagnostics_runs / 'off' / 'last.pth', weights_only=False)['model']
+    on = torch.load(diagnostics_runs / 'on' / 'last.pth', weights_only=True)['model']
+    off = torch.load(diagnostics_runs / 'off' / 'last.pth', weights_only=True)['model']
     assert all(torch.equal(on[k], off[k]) for k in off)
 
 

@@ -48,8 +48,8 @@ class PreemptionFlag:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if not self.training:
-            raise StoppedDuringStartUp(f'{name} during start-up, before training began: nothing to save; start the run again '
-                            f'(with --resume auto if it had checkpoints)')
+            raise StoppedDuringStartUp(f'{name} during start-up, before training began: nothing to save; start the '
+                                       f'run again (with --resume auto if it had checkpoints)')
         if self.signal_name == 'SIGINT' and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the recovery checkpoint
         self.signal_name = name

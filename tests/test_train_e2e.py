@@ -89,7 +89,7 @@ def test_two_process_ddp_run(tiny_data, tmp_path):
     result = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', 'train.py',
          '--config', str(SMOKE), '--data-dir', str(tiny_data), '--output', str(run_dir), '--epochs', '1',
-         '--cooldown-epochs', '0', '--global-batch-size', '32', '--workers', '0'],
+         '--cooldown-epochs', '0', '--pgt-start-epoch', '0', '--global-batch-size', '32', '--workers', '0'],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(run_dir)

@@ -24,6 +24,11 @@ def make_target(kind: str, n: int, c: int, gen: torch.Generator):
     return torch.randint(0, c, (n,), generator=gen), (0.1 if kind == 'smoothed' else 0.0)
 
 
+# softmax(z) = exp(z - logsumexp(z)) in float32 carries a relative error of about eps * |z - logsumexp(z)|: for these
+# logits (3 * randn, |z| up to ~13 over 256 x 1000 values) about 1.7e-6, which torch 2.15's kernels reach at alpha 1.
+FLOAT32_SOFTMAX_TOL = 32 * torch.finfo(torch.float32).eps  # 3.8e-6
+
+
 def logits_grad(logits, target, alpha, smoothing=0.0, reduction='mean', scale=1.0):
     logits = logits.detach().clone().requires_grad_(True)
     loss = power_grad_cross_entropy(logits, target, alpha, smoothing, reduction)
@@ -42,7 +47,7 @@ def test_gradient_matches_float64_reference(alpha, c, n, kind, reduction):
     target, smoothing = make_target(kind, n, c, gen)
     loss, grad = logits_grad(logits, target, alpha, smoothing, reduction)
     assert grad.dtype == torch.float32
-    assert rel_err(grad, pgt_grad64(logits, target, alpha, smoothing, reduction)) < 1e-6
+    assert rel_err(grad, pgt_grad64(logits, target, alpha, smoothing, reduction)) < FLOAT32_SOFTMAX_TOL
     per_sample = ce_loss64(logits, target, smoothing)  # forward value is the plain cross-entropy
     expected = per_sample.mean() if reduction == 'mean' else per_sample.sum()
     assert loss.item() == pytest.approx(expected, rel=1e-5)

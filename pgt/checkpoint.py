@@ -100,20 +100,21 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f'.{path.name}.tmp')
 
 
+_crash_counts: dict[str, int] = {}  # writes of each file name so far in this process (PGT_CRASH_WRITING)
+
+
 def _crash_here_if_asked(path: Path, data: memoryview, f) -> None:
     """Fault injection for the crash tests: ``PGT_CRASH_WRITING=last.pth:2`` kills this process with SIGKILL half-way
     through the second write of last.pth, as a node failure would (a partial temporary file is left behind)."""
     name, _, nth = os.environ.get(CRASH_ENV, '').partition(':')
     if name != path.name:
         return
-    count = _crash_here_if_asked.counts[name] = _crash_here_if_asked.counts.get(name, 0) + 1
-    if count == int(nth or 1):
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(nth or 1):
         f.write(data[:len(data) // 2])
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-
-_crash_here_if_asked.counts = {}
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:

@@ -52,17 +52,12 @@ def main(argv) -> int:
     env = init_distributed()
     setup_logging(env.is_main)
     state = load_checkpoint(args.checkpoint)
-    if 'args' not in state:
+    if 'args' not in state or 'classes' not in state:
         raise UsageError(f'{args.checkpoint}: no training configuration inside; was it written by train.py?')
     train_args = SimpleNamespace(**state['args'])
     batch_size = args.batch_size or train_args.batch_size
     loader, classes = build_loader(args, train_args, batch_size, env)
-    where = f'{args.data_dir}/{args.split}'
-    if 'classes' in state:
-        check_same_classes(classes, state['classes'], where, f'the checkpoint {args.checkpoint}')
-    elif len(classes) != state['num_classes']:
-        raise UsageError(f'{where}: {len(classes)} class folders, the checkpoint was trained on '
-                         f'{state["num_classes"]} classes')
+    check_same_classes(classes, state['classes'], f'{args.data_dir}/{args.split}', f'the checkpoint {args.checkpoint}')
     model = create_model(state['model_name'], num_classes=state['num_classes'])
     load_model_state(model, state, args.checkpoint, state['model_name'], state['num_classes'])
     model.to(env.device)

@@ -33,8 +33,6 @@ from .errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ('model', 'optimizer', 'epoch', 'step')
-# What makes a directory hold a run: a run that failed before writing any of these left nothing worth keeping.
-RUN_FILES = ('summary.csv', 'recovery.pth', 'last.pth', 'best.pth')
 CRASH_ENV = 'PGT_CRASH_WRITING'
 
 
@@ -114,7 +112,6 @@ def _crash_here_if_asked(path: Path, data: memoryview, f) -> None:
         f.write(data[:len(data) // 2])
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
@@ -226,8 +223,10 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | No
 # ---- run directories
 
 def existing_run_files(run_dir: Path) -> list[str]:
-    names = [name for name in RUN_FILES if (run_dir / name).exists()]
-    return names + sorted(p.name for p in run_dir.glob('epoch_*.pth'))
+    """What makes a directory hold a run: its summary and checkpoints. A run that failed before writing any of them
+    (config.yaml alone) left nothing worth keeping."""
+    summary = ['summary.csv'] if (run_dir / 'summary.csv').exists() else []
+    return summary + [p.name for p in checkpoint_files(run_dir)]
 
 
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:

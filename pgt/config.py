@@ -275,6 +275,15 @@ def _where(args: argparse.Namespace, dest: str) -> str:
     return getattr(args, '_origins', {}).get(dest, '--' + dest.replace('_', '-'))
 
 
+def _bound_text(low, high, low_open: bool, high_open: bool) -> str:
+    """'in [0, 1)', '> 0' or '<= 1', as the bounds are given."""
+    if low is not None and high is not None:
+        return f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+    if low is not None:
+        return f'{">" if low_open else ">="} {low}'
+    return f'{"<" if high_open else "<="} {high}'
+
+
 def _check_range(args, dest: str, low: float | None = None, high: float | None = None, low_open: bool = False,
                  high_open: bool = False) -> None:
     """Every value of option ``dest`` (a number or a list of numbers) lies in the interval; the error names where
@@ -285,11 +294,8 @@ def _check_range(args, dest: str, low: float | None = None, high: float | None =
             continue
         if (low is not None and (value < low or (low_open and value == low))) or \
                 (high is not None and (value > high or (high_open and value == high))):
-            lower = '' if low is None else f'{"(" if low_open else "["}{low}'
-            upper = '' if high is None else f'{high}{")" if high_open else "]"}'
-            bound = f'in {lower}, {upper}' if lower and upper else (
-                f'{">" if low_open else ">="} {low}' if lower else f'{"<" if high_open else "<="} {high}')
-            raise UsageError(f'{_where(args, dest)}: must be {bound}, got {value}')
+            raise UsageError(f'{_where(args, dest)}: must be {_bound_text(low, high, low_open, high_open)}, '
+                             f'got {value}')
 
 
 FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)

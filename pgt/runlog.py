@@ -91,7 +91,7 @@ class RunLog:
         self._tensorboard('flush')
         row = {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()},
                **{f'eval_{k}': v for k, v in evaluation.items()}, 'lr': lr}
-        self.rows = [r for r in self.rows if _epoch_of(r) < epoch] + [row]
+        self.rows.append(row)  # the rows of this epoch and later were dropped when the run started
         write_summary(self.summary, self.rows)
         log.info('epoch %d: train loss %.4f top-1 %.2f | eval loss %.4f top-1 %.2f top-5 %.2f | lr %.4g | %.0f img/s',
                  epoch, train['loss'], train['top1'], evaluation['loss'], evaluation['top1'], evaluation['top5'], lr,

@@ -3,6 +3,7 @@ import hashlib
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +98,13 @@ def summary_values(run_dir) -> list[dict]:
     """summary.csv as read by a user (csv module), without the timing columns, which no two runs share."""
     with open(Path(run_dir) / 'summary.csv', newline='') as f:
         return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def user_namespaces_work() -> bool:
+    """Whether ``unshare -Urm`` works here: a private tmpfs (full or read-only) for a test, without root's powers
+    outside it."""
+    return shutil.which('unshare') is not None and subprocess.run(
+        ['unshare', '-Urm', 'true'], capture_output=True).returncode == 0
 
 
 def one_line_error(result_stderr: str) -> str:

@@ -2,7 +2,6 @@
 of the writes of an epoch end. Each failure is real: a file size limit or a small tmpfs, a learning rate that
 overflows, SIGKILL at the moment the named file is half written."""
 import resource
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 import train
 from conftest import (BASE, ROOT, assert_same_weights, file_digests, model_state, one_line_error, run_script,
-                      summary_values)
+                      summary_values, user_namespaces_work)
 from pgt.engine import BufferGuard, TrainingParts, make_scaler, train_step
 from pgt.runlog import RunLog, read_summary
 
@@ -51,11 +50,6 @@ def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(straig
     run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', check=True)
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
     assert summary_values(run_dir) == summary_values(straight_run)
-
-
-def user_namespaces_work() -> bool:
-    return shutil.which('unshare') is not None and subprocess.run(
-        ['unshare', '-Urm', 'true'], capture_output=True).returncode == 0
 
 
 @pytest.mark.skipif(not user_namespaces_work(), reason='a private tmpfs needs unshare -Urm (user and mount '

@@ -11,7 +11,7 @@ import pytest
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from conftest import BASE, ROOT, file_digests, one_line_error, run_script
+from conftest import BASE, ROOT, file_digests, one_line_error, run_script, user_namespaces_work
 from pgt.dali import image_list
 from pgt.data import ImageFolderWithRecovery, scan_image_folder
 
@@ -189,7 +189,7 @@ def test_output_that_is_a_file_or_cannot_be_written(tiny_data, tmp_path):
 
 
 def test_read_only_output_directory(tiny_data, tmp_path):
-    if shutil.which('unshare') is None or subprocess.run(['unshare', '-Urm', 'true']).returncode != 0:
+    if not user_namespaces_work():
         pytest.skip('a read-only mount needs unshare -Urm (user and mount namespaces), which this system does not '
                     'allow; as root, file permissions cannot make a directory unwritable')
     read_only = tmp_path / 'read-only'

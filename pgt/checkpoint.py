@@ -2,21 +2,27 @@
 
 Files in a run directory: ``last.pth`` (end of the latest epoch), ``best.pth`` (best eval top-1), ``epoch_<N>.pth``
 (every --checkpoint-interval epochs) and ``recovery.pth`` (every --recovery-interval steps within an epoch, and on a
-preemption signal). Each holds everything needed to continue the same trajectory: model, optimizer, gradient
-scaler, the position (epoch, step within it), each rank's metric accumulators of a partial epoch and RNG states. The
-learning rate is a function of the position (train.py steps the scheduler to it), so no scheduler state is stored.
+preemption signal). Each holds everything needed to continue the same trajectory: the model weights under timm's key
+``state_dict`` (with the model name under ``arch``), optimizer, gradient scaler, the position (epoch, step within
+it), each rank's metric accumulators of a partial epoch and RNG states. The learning rate is a function of the
+position (train.py steps the scheduler to it), so no scheduler state is stored. timm reads the weights as they are:
+``timm.create_model(name, checkpoint_path='best.pth')``, timm's validate.py and ``load_checkpoint``.
 
 Every file holds only tensors, numbers, strings, lists and dicts, so it is read with ``torch.load(weights_only=True)``:
 loading a checkpoint never runs code from it.
 
 Writes are atomic (temporary file, fsync, rename): a crash or a full disk at any moment leaves the old file or the
-new one, never a truncated one, and a failed write removes its temporary file. train.py writes the files of an epoch
-end in the order summary.csv, best.pth, epoch_<N>.pth, last.pth, and ``--resume auto`` continues from recovery.pth
-or last.pth: the position in last.pth is written last, so a crash anywhere before it repeats the epoch (from the
-recovery checkpoint or the previous last.pth), which writes the others again, identically.
+new one, never a truncated one, and a failed write removes its temporary file. The state of an epoch end is
+serialised and written once; best.pth and epoch_<N>.pth are hard links to that one file (a copy where the filesystem
+has no hard links), renamed into place in the order best.pth, epoch_<N>.pth, last.pth, after summary.csv. No file is
+ever modified in place, so a link never sees a later write. ``--resume auto`` continues from recovery.pth or
+last.pth: the position in last.pth is renamed into place last, so a crash anywhere before it repeats the epoch (from
+the recovery checkpoint or the previous last.pth), which writes the others again, identically.
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import io
 import logging
 import os
@@ -32,7 +38,7 @@ import torch
 from .errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
-REQUIRED_KEYS = ('model', 'optimizer', 'epoch', 'step')
+REQUIRED_KEYS = ('state_dict', 'optimizer', 'epoch', 'step')
 CRASH_ENV = 'PGT_CRASH_WRITING'
 
 
@@ -101,49 +107,88 @@ def temp_path(path: Path) -> Path:
 _crash_counts: dict[str, int] = {}  # writes of each file name so far in this process (PGT_CRASH_WRITING)
 
 
-def _crash_here_if_asked(path: Path, data: memoryview, f) -> None:
+def _crash_here_if_asked(path: Path, data: memoryview | None, f) -> None:
     """Fault injection for the crash tests: ``PGT_CRASH_WRITING=last.pth:2`` kills this process with SIGKILL half-way
-    through the second write of last.pth, as a node failure would (a partial temporary file is left behind)."""
+    through the second write of last.pth, as a node failure would (a partial temporary file is left behind); for a
+    file that is a hard link (``data`` None), after the link is made and before it is renamed into place."""
     name, _, nth = os.environ.get(CRASH_ENV, '').partition(':')
     if name != path.name:
         return
     _crash_counts[name] = _crash_counts.get(name, 0) + 1
     if _crash_counts[name] == int(nth or 1):
-        f.write(data[:len(data) // 2])
-        f.flush()
+        if data is not None:
+            f.write(data[:len(data) // 2])
+            f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file, fsync it and rename it over ``path``. Any failure (full disk, quota, file
-    size limit, I/O error, an interrupt) removes the temporary file and raises CheckpointWriteError naming the path
-    and the cause; the previous ``path`` is untouched."""
-    path = Path(path)
+def _failure(path: Path, error: BaseException) -> CheckpointWriteError:
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else ' '.join(str(error).split())
+    kept = f'the previous {path.name} is intact' if path.exists() else f'no earlier {path.name} exists'
+    return CheckpointWriteError(f'could not write {path}: {cause}; {kept}')
+
+
+def _write_temp(path: Path, data: memoryview) -> Path:
+    """Write ``data`` to ``path``'s temporary file and fsync it; returns the temporary path."""
     tmp = temp_path(path)
-    data = memoryview(data)
+    with open(tmp, 'wb') as f:
+        _crash_here_if_asked(path, data, f)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _link_temp(source: Path, path: Path) -> Path:
+    """``path``'s temporary file as a hard link to ``source`` (no bytes written), or a full copy of it where the
+    filesystem has no hard links (some network and FUSE filesystems)."""
+    tmp = temp_path(path)
+    tmp.unlink(missing_ok=True)
     try:
-        with open(tmp, 'wb') as f:
-            _crash_here_if_asked(path, data, f)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        os.link(source, tmp)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        with open(source, 'rb') as f:
+            return _write_temp(path, memoryview(f.read()))
+    _crash_here_if_asked(path, None, None)
+    return tmp
+
+
+def write_files(data: bytes | memoryview, paths: list[Path]) -> None:
+    """Write ``data`` once and put it in place at every path of ``paths``, in order, each by an atomic rename: the
+    bytes go to the last path's temporary file (fsync), the others are hard links to it. Any failure (full disk,
+    quota, file size limit, I/O error, an interrupt) removes the temporary files and raises CheckpointWriteError
+    naming the path and the cause; every path not yet renamed keeps its previous version."""
+    paths = [Path(p) for p in paths]
+    data, current, temps = memoryview(data), paths[-1], []
+    try:
+        temps.append(_write_temp(paths[-1], data))
+        for current in paths[:-1]:
+            os.replace(_link_temp(temps[0], current), current)
+        current = paths[-1]
+        os.replace(temps[0], current)
+        _fsync_dir(current.parent)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
+        for path in paths:
+            temp_path(path).unlink(missing_ok=True)
         if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: clean up, then let it through
             raise
-        cause = error.strerror if isinstance(error, OSError) and error.strerror else ' '.join(str(error).split())
-        kept = f'the previous {path.name} is intact' if path.exists() else f'no earlier {path.name} exists'
-        raise CheckpointWriteError(f'could not write {path}: {cause}; {kept}') from None
+        raise _failure(current, error) from None
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Serialise in memory, then write atomically. Serialising first matters on a full disk: torch.save writing to a
-    file reports a failed write as RuntimeError('unexpected pos ...'), losing the cause that a plain write reports."""
+def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically (write_files with one path)."""
+    write_files(data, [Path(path)])
+
+
+def save_checkpoint(state: dict, paths: list[str | os.PathLike] | str | os.PathLike) -> None:
+    """Serialise once in memory, then write_files to every path. Serialising first matters on a full disk: torch.save
+    writing to a file reports a failed write as RuntimeError('unexpected pos ...'), losing the cause that a plain
+    write reports."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomic(path, buffer.getbuffer())
+    write_files(buffer.getbuffer(), [paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
 
 
 # ---- reading
@@ -157,19 +202,48 @@ def _reason(error: Exception) -> str:
     return text[:200]
 
 
-def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """Load a checkpoint on the CPU with ``weights_only=True``; a missing, truncated or foreign file is a UsageError
-    naming it. ``mmap`` maps the tensors instead of reading them (cheap look at the position of a large file)."""
-    path = Path(path)
+def _load(path: Path, mmap: bool = False, allowed: tuple = ()):
     if not path.is_file():
         raise UsageError(f'checkpoint not found: {path}')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as error:  # truncated zip, a pickle with code in it, not a torch file: all "not usable"
         raise UsageError(f'cannot read checkpoint {path}: {_reason(error)}') from None
-    if not isinstance(state, dict) or 'model' not in state:
-        raise UsageError(f'{path} is not a checkpoint written by train.py (no model state)')
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint of this suite on the CPU with ``weights_only=True``; a missing, truncated or foreign file is a
+    UsageError naming it. ``mmap`` maps the tensors instead of reading them (cheap look at the position of a large
+    file)."""
+    path = Path(path)
+    state = _load(path, mmap)
+    if not isinstance(state, dict) or 'state_dict' not in state or 'args' not in state:
+        raise UsageError(f'{path} is not a checkpoint written by train.py (no state_dict and args)')
     return state
+
+
+def load_weights(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict, dict]:
+    """Model weights from any checkpoint an ImageNet user meets: this suite's, timm train.py's (model_best.pth.tar,
+    checkpoint-<N>.pth.tar; the published code's are of this kind, from a 2021 timm) or a bare state dict. Read with
+    ``weights_only=True``: timm's train.py pickles its arguments as an argparse.Namespace, which is plain data and
+    allowed here; anything that could run code is still refused. Returns (state_dict without DDP's 'module.'
+    prefix, info), info holding what the file records of 'arch', 'args' (a dict), 'epoch', 'step' and 'classes'."""
+    from timm.models import clean_state_dict
+    path = Path(path)
+    state = _load(path, allowed=(argparse.Namespace,))
+    if not isinstance(state, dict):
+        raise UsageError(f'{path} holds no state dict (a {type(state).__name__})')
+    key = 'state_dict_ema' if use_ema and state.get('state_dict_ema') is not None else (
+        'state_dict' if 'state_dict' in state else 'model' if isinstance(state.get('model'), dict) else None)
+    weights = state[key] if key else state
+    if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UsageError(f'{path} holds no model weights (no state_dict, and not a bare state dict)')
+    args = state.get('args') if key else None
+    info = {'arch': state.get('arch') if key else None, 'epoch': state.get('epoch') if key else None,
+            'step': state.get('step') if key else None, 'classes': state.get('classes'),
+            'args': vars(args) if isinstance(args, argparse.Namespace) else args}
+    return clean_state_dict(weights), info
 
 
 RESUME_POINTS = ('recovery.pth', 'last.pth')

@@ -1,9 +1,13 @@
 """Options of train.py: timm's names, YAML recipes composed with ``base:``, and defaults < YAML < command line.
 
-A recipe is a YAML mapping whose keys are option names (dashes or underscores). Two keys are not options:
-``base`` names a parent recipe (relative to the file) merged underneath, and ``paper`` holds the provenance of a
-paper row (table, row, train_acc, test_acc, note), which scripts/report.py reads. Everything is checked before a run
-starts: an unknown key or a value of the wrong type names the key, the file and the closest known option.
+A recipe is a YAML mapping whose keys are option names (dashes or underscores). Three keys are not options: ``base``
+names a parent recipe (relative to the file) merged underneath, ``paper`` holds the provenance of a paper row (table,
+row, train_acc, test_acc, baseline, note), which the report reads, and ``grid`` lists the values a grid-search recipe
+sweeps (pgt.paper). A ``null`` value means the option's default. Everything is checked before a run starts: an
+unknown key or a value of the wrong type names the key, the file and the closest known option. A timm train.py
+``args.yaml`` is accepted too: its options that this suite does not implement are reported in one warning.
+
+Numbers are read as YAML 1.2 does: ``1e-3`` is a float (PyYAML, a YAML 1.1 parser, would read it as a string).
 """
 from __future__ import annotations
 
@@ -11,28 +15,40 @@ import argparse
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from timm.utils import ParseKwargs
 
-from .errors import UsageError
+from .errors import CliParser, UsageError
+from .timm_args import TIMM_ONLY_DEFAULTS, ignored_options_line
 
-META_KEYS = ('base', 'paper')
+META_KEYS = ('base', 'paper', 'grid')
 # Run control, not part of a recipe: left out of the resolved config.yaml so that it can be passed back as --config.
 RUN_CONTROL_KEYS = ('config', 'resume', 'overwrite', 'dry_run', 'debug', 'output', 'data_dir',
-                    'stop_after_epoch', 'allow_config_change')
+                    'stop_after_epoch', 'allow_config_change', 'dataset_download')
 # Options that may differ between the jobs of one run without changing what it trains. The per-GPU batch may change
 # with the number of GPUs (--global-batch-size): the global batch is compared instead (pgt.config.config_changes).
 OPERATIONAL_KEYS = ('workers', 'log_interval', 'recovery_interval', 'checkpoint_interval', 'max_skipped_steps',
                     'strict_data', 'data_backend', 'dali_device', 'torchcompile', 'diagnostics',
-                    'diagnostics_interval', 'diagnostics_mask', 'paper', 'batch_size', 'grad_accum_steps',
-                    'global_batch_size')
+                    'diagnostics_interval', 'diagnostics_mask', 'diagnostics_layers', 'paper', 'grid', 'batch_size',
+                    'grad_accum_steps', 'global_batch_size', 'signal_check_interval')
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 through run_cli instead of argparse's usage dump
-        raise UsageError(f'{message} (see --help)')
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float syntax: ``1e-3`` and ``5E4`` are floats, not strings."""
+
+
+RecipeLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$''', re.X),
+    list('-+0123456789.'))
 
 
 def _bool_flag(group, name, help):
@@ -40,9 +56,10 @@ def _bool_flag(group, name, help):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description='Train an ImageNet classifier with timm, optionally with the PowerGrad Transform.')
+    p = CliParser(description='Train an ImageNet classifier with timm, optionally with the PowerGrad Transform.')
     g = p.add_argument_group('run')
-    g.add_argument('--config', metavar='FILE.yaml', help='recipe; the command line overrides its values')
+    g.add_argument('-c', '--config', metavar='FILE.yaml', help='recipe (or a timm args.yaml); the command line '
+                                                             'overrides its values')
     g.add_argument('--output', metavar='DIR', help='run directory (default: runs/<model>-<time>)')
     g.add_argument('--resume', metavar='PATH|auto', help="checkpoint to continue from; 'auto' picks the newest valid "
                                                          'checkpoint in --output')
@@ -56,25 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also keep epoch_<N>.pth every N epochs (0: only last and best)')
     g.add_argument('--recovery-interval', type=int, default=0, metavar='STEPS',
                    help='write recovery.pth every N training steps within an epoch (0: off)')
+    g.add_argument('--signal-check-interval', type=int, default=10, metavar='STEPS',
+                   help='under DDP, ranks agree on a preemption signal every N steps (at most --recovery-interval)')
     g.add_argument('--stop-after-epoch', type=int, default=None, metavar='E',
                    help='end this job cleanly after epoch E (0-based), to split a run over job time slots')
     g.add_argument('--max-skipped-steps', type=int, default=10, metavar='K',
                    help='stop after K consecutive steps with a non-finite loss or gradient')
 
     g = p.add_argument_group('data')
-    g.add_argument('--data-dir', metavar='DIR', help='ImageNet layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG')
+    g.add_argument('--data-dir', metavar='DIR', help='ImageNet layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; '
+                                                     'for --dataset cifar10, the folder of cifar-10-batches-py/')
+    g.add_argument('--dataset', default='imagefolder', choices=('imagefolder', 'cifar10'))
+    _bool_flag(g, '--dataset-download', "download the dataset into --data-dir if it is not there (cifar10; timm's "
+                                        'option)')
+    g.add_argument('--download', dest='dataset_download', action='store_const', const=True,
+                   help='alias of --dataset-download')
     g.add_argument('--data-backend', default='torch', choices=('torch', 'dali', 'synthetic'))
     g.add_argument('--dali', dest='data_backend', action='store_const', const='dali',
                    help='alias of --data-backend dali (the published code\'s flag)')
     g.add_argument('--dali-device', choices=('gpu', 'cpu'), default=None,
                    help='DALI decoding device (default: gpu when CUDA is available)')
-    g.add_argument('--workers', type=int, default=4)
+    g.add_argument('-j', '--workers', type=int, default=4)
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
-    g.add_argument('--img-size', type=int, default=224)
-    g.add_argument('--crop-pct', type=float, default=0.875,
-                   help='evaluation: resize to img_size / crop_pct, then centre crop')
-    g.add_argument('--interpolation', default='bilinear', help='evaluation resize interpolation')
+    g.add_argument('--img-size', type=int, default=None, help="training image size (default: the model's)")
+    g.add_argument('--val-img-size', type=int, default=None,
+                   help='evaluation image size (default: --img-size); train low, test high for a cheaper run')
+    g.add_argument('--crop-pct', type=float, default=None,
+                   help="evaluation: resize to size / crop_pct, then centre crop (default: the model's)")
+    g.add_argument('--interpolation', default=None, help="evaluation resize interpolation (default: the model's)")
     g.add_argument('--train-interpolation', default='random', help="training crop interpolation (timm: 'random')")
+    g.add_argument('--mean', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                   help="normalisation mean (default: the model's)")
+    g.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                   help="normalisation standard deviation (default: the model's)")
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'))
     g.add_argument('--ratio', type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=('MIN', 'MAX'))
     g.add_argument('--hflip', type=float, default=0.5)
@@ -85,31 +116,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='resnet50')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help="arguments of the model's constructor, as timm's option (e.g. zero_init_last=False)")
     _bool_flag(g, '--channels-last', 'NHWC memory layout')
-    _bool_flag(g, '--sync-bn', 'synchronise batch-norm statistics across ranks')
+    _bool_flag(g, '--sync-bn', 'synchronise batch-norm statistics across ranks (CUDA only)')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                    help='torch.compile the model (default backend inductor)')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--opt', default='sgd', help="timm optimizer name; 'sgd' is Nesterov SGD")
-    g.add_argument('--lr', type=float, default=0.1)
+    g.add_argument('--lr', type=float, default=None,
+                   help='peak learning rate (default, as timm: --lr-base scaled by global batch / --lr-base-size)')
+    g.add_argument('--lr-base', type=float, default=0.1)
+    g.add_argument('--lr-base-size', type=int, default=256)
+    g.add_argument('--lr-base-scale', default=None, choices=('linear', 'sqrt'),
+                   help='default: sqrt for adaptive optimizers (ada*, lamb), linear otherwise (timm\'s rule)')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--weight-decay', type=float, default=2e-5)
-    g.add_argument('--batch-size', type=int, default=128, help='per-GPU batch')
+    g.add_argument('-b', '--batch-size', type=int, default=128, help='per-GPU batch')
     g.add_argument('--global-batch-size', type=int, default=None,
                    help='total batch over all ranks; sets the per-GPU batch to G / world size / grad-accum-steps')
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--clip-grad', type=float, default=None, help='threshold (norm, value) or clip factor (agc)')
-    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
+    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
+                   help="as timm's train.py: agc leaves the classifier out, norm and value clip every parameter")
     _bool_flag(g, '--amp', 'mixed precision')
     g.add_argument('--amp-dtype', default='auto', choices=('auto', 'float16', 'bfloat16'),
-                   help='auto: bfloat16 where the device supports it, else float16')
+                   help='auto: bfloat16 where the hardware has it (CUDA compute capability 8.0+, or a CPU), else '
+                        'float16')
 
     g = p.add_argument_group('schedule')
     g.add_argument('--sched', default='cosine', choices=('cosine', 'step', 'multistep', 'constant', 'none'))
     g.add_argument('--epochs', type=int, default=300)
     g.add_argument('--warmup-epochs', type=int, default=5)
     g.add_argument('--warmup-lr', type=float, default=1e-5)
+    _bool_flag(g, '--warmup-prefix', 'cosine: start the decay at the peak at the end of warmup and end it at --epochs '
+                                     '(timm and the published runs overlap warmup and cosine, so the peak is never '
+                                     'reached); the run keeps its length')
     g.add_argument('--min-lr', type=float, default=0.0)
     g.add_argument('--cooldown-epochs', type=int, default=0)
     g.add_argument('--decay-epochs', type=float, default=90.0)
@@ -130,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--diagnostics-interval', type=int, default=200, metavar='STEPS')
     g.add_argument('--diagnostics-mask', type=float, default=0.0, metavar='FRACTION',
                    help='random masking of gradient vectors per layer (thesis Sec. 1.6), e.g. 0.05; 0: off')
+    g.add_argument('--diagnostics-layers', type=int, nargs='+', default=[11, 19], metavar='K',
+                   help='weight layers (0-based, in parameter order) whose per-filter norms are recorded as a series '
+                        '(the papers\' Fig. 5: layers 11 and 19 of ResNet-18)')
     return p
 
 
@@ -156,8 +202,10 @@ def _check_value(action: argparse.Action, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise wrong('true or false')
         return action.const if value else action.default
-    if value is None:
-        return None
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise wrong('a mapping of argument names to values')
+        return {str(k): v for k, v in value.items()}
     if action.nargs in ('+', '*') or isinstance(action.nargs, int):
         if not isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs):
             raise wrong(f'a list of {action.nargs if isinstance(action.nargs, int) else "one or more"} values')
@@ -186,7 +234,7 @@ def load_recipe(path: str | os.PathLike, _seen: tuple = ()) -> tuple[dict, dict]
     if path.resolve() in _seen:
         raise UsageError(f'{path}: base recipes form a cycle: {" -> ".join(map(str, _seen + (path,)))}')
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
     except yaml.YAMLError as error:
         raise UsageError(f'{path}: not valid YAML: {" ".join(str(error).split())}') from None
     if not isinstance(data, dict):
@@ -200,33 +248,41 @@ def load_recipe(path: str | os.PathLike, _seen: tuple = ()) -> tuple[dict, dict]
     return merged, sources
 
 
-def recipe_to_defaults(recipe: dict, sources: dict, parser: argparse.ArgumentParser) -> dict:
-    """Check every recipe key and value against the parser; return argparse defaults keyed by ``dest``."""
+def recipe_to_defaults(recipe: dict, sources: dict, parser: argparse.ArgumentParser) -> tuple[dict, dict]:
+    """Check every recipe key and value against the parser. Returns (argparse defaults keyed by ``dest``, the timm
+    train.py options that this suite does not implement, which are ignored). ``null`` (and timm's '' for an unset
+    string) leaves the option at its default."""
     actions = _actions_by_key(parser)
-    defaults = {}
+    defaults, ignored = {}, {}
     for key, value in recipe.items():
         if key in META_KEYS:
             continue
         if key not in actions:
+            if key in TIMM_ONLY_DEFAULTS:
+                ignored[key] = value
+                continue
             close = difflib.get_close_matches(key, list(actions), n=1)
             hint = f'; did you mean {close[0].replace("_", "-")!r}?' if close else ''
             raise UsageError(f'{sources[key]}: unknown key {key!r}{hint}')
+        if value is None or value == '':
+            continue
         action = actions[key]
         defaults[action.dest] = _check_value(action, value, f'{sources[key]}: key {key!r}')
-    return defaults
+    return defaults, ignored
 
 
 def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     """defaults < YAML recipe (with its bases) < command line. ``args.paper`` holds the recipe's paper block and
     ``args._origins`` where each value came from (for error messages)."""
     parser = build_parser()
-    config_only = argparse.ArgumentParser(add_help=False)
-    config_only.add_argument('--config')
+    config_only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_only.add_argument('-c', '--config')
     known, _ = config_only.parse_known_args(argv)
-    recipe, sources = {}, {}
+    recipe, sources, ignored = {}, {}, {}
     if known.config:
         recipe, sources = load_recipe(known.config)
-        parser.set_defaults(**recipe_to_defaults(recipe, sources, parser))
+        defaults, ignored = recipe_to_defaults(recipe, sources, parser)
+        parser.set_defaults(**defaults)
     # argparse fills in a default only for attributes the namespace lacks: those still unset were not on the command
     # line, which tells where each value comes from.
     unset = object()
@@ -242,14 +298,25 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
         else:
             origins[dest] = option
     args.paper = recipe.get('paper')
+    args.grid = recipe.get('grid')
     args._origins = origins
+    args._ignored_timm_options = (known.config, ignored) if ignored else None
     return args
 
 
+def ignored_options_warning(args: argparse.Namespace) -> str | None:
+    """The one warning line for a recipe's timm options that this suite does not implement (None if there are
+    none)."""
+    if args._ignored_timm_options is None:
+        return None
+    return ignored_options_line(*args._ignored_timm_options)
+
+
 def resolved_config(args: argparse.Namespace) -> dict:
-    """The configuration a run used, as a recipe that ``--config`` accepts again."""
+    """The configuration a run used, as a recipe that ``--config`` accepts again (a grid recipe's ``grid:`` block
+    describes the sweep, not the run, and is left out)."""
     return {k: v for k, v in sorted(vars(args).items())
-            if k not in RUN_CONTROL_KEYS and not k.startswith('_') and v is not None}
+            if k not in RUN_CONTROL_KEYS and k != 'grid' and not k.startswith('_') and v is not None}
 
 
 def config_changes(saved: dict, current: dict, saved_world_size: int, world_size: int) -> list[str]:
@@ -305,11 +372,13 @@ FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)
     'color_jitter': (0, None, False, False), 'crop_pct': (0, 1, True, False), 'scale': (0, 1, True, False),
     'ratio': (0, None, True, False), 'decay_rate': (0, None, True, False), 'decay_epochs': (0, None, True, False),
     'clip_grad': (0, None, True, False), 'pgt_alpha': (0, 1, False, False), 'diagnostics_mask': (0, 1, False, True),
+    'lr_base': (0, None, True, False), 'std': (0, None, True, False),
 }
 INT_MINIMA = {'batch_size': 1, 'grad_accum_steps': 1, 'epochs': 1, 'log_interval': 1, 'max_skipped_steps': 1,
-              'img_size': 1, 'synthetic_steps': 1, 'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1,
-              'workers': 0, 'seed': 0, 'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0,
-              'recovery_interval': 0, 'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0}
+              'img_size': 1, 'val_img_size': 1, 'synthetic_steps': 1, 'lr_base_size': 1, 'signal_check_interval': 1,
+              'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1, 'workers': 0, 'seed': 0, 'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0,
+              'recovery_interval': 0, 'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0,
+              'diagnostics_layers': 0}
 
 
 def check_values(args: argparse.Namespace) -> None:
@@ -333,21 +402,77 @@ def check_values(args: argparse.Namespace) -> None:
                              f'(0-{epochs - 1}), so PGT would never be applied')
 
 
+def resolve_learning_rate(args: argparse.Namespace, world_size: int) -> None:
+    """timm's rule when --lr is not given: lr = lr_base x (global batch / lr_base_size), the ratio square-rooted for
+    adaptive optimizers."""
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    scale = args.lr_base_scale or ('sqrt' if any(name in args.opt.lower() for name in ('ada', 'lamb')) else 'linear')
+    ratio = global_batch / args.lr_base_size
+    args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+
+
+def resolve_data_settings(args: argparse.Namespace) -> None:
+    """Image size, evaluation crop, interpolation and normalisation that were not given come from the model's default
+    pretrained configuration, as timm's train.py resolves them (``resolve_data_config``); the resolved values are
+    what config.yaml records, so a later timm with other defaults cannot change a resumed run."""
+    import timm.data
+    from .models import pretrained_data_config
+    given = {'img_size': args.img_size, 'crop_pct': args.crop_pct, 'interpolation': args.interpolation,
+             'mean': args.mean, 'std': args.std}
+    config = timm.data.resolve_data_config(given, pretrained_cfg=pretrained_data_config(args.model))
+    args.img_size = args.img_size or config['input_size'][-1]
+    args.crop_pct = args.crop_pct or config['crop_pct']
+    args.interpolation = args.interpolation or config['interpolation']
+    args.mean = [float(m) for m in (args.mean or config['mean'])]
+    args.std = [float(s) for s in (args.std or config['std'])]
+    args.val_img_size = args.val_img_size or args.img_size
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Checks that need the whole configuration (and the world size), and the per-GPU batch from the global one."""
-    check_values(args)
+    """Checks that need the whole configuration (and the world size): the model, the per-GPU batch from the global
+    one, the learning rate and data settings that default to timm's, and the ranges of every value."""
+    from .models import check_model_name
+    check_model_name(args.model)
     if args.global_batch_size is not None:
         per_update = world_size * args.grad_accum_steps
         if args.global_batch_size % per_update:
             raise UsageError(f'--global-batch-size {args.global_batch_size} is not divisible by world size '
                              f'{world_size} x grad-accum-steps {args.grad_accum_steps}')
         args.batch_size = args.global_batch_size // per_update
-    if args.amp_dtype == 'auto':
-        import torch
-        cuda_without_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
-        args.amp_dtype = 'float16' if cuda_without_bf16 else 'bfloat16'
+    resolve_learning_rate(args, world_size)
+    resolve_data_settings(args)
+    check_values(args)
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix need an even per-GPU batch, got {args.batch_size}')
     if args.clip_mode == 'agc' and args.clip_grad is None:
         raise UsageError('--clip-mode agc needs --clip-grad (the clip factor, e.g. 0.01)')
+    if args.warmup_prefix and args.epochs <= args.warmup_epochs:
+        raise UsageError(f'--warmup-prefix: --epochs {args.epochs} leaves no epoch after the {args.warmup_epochs} '
+                         f'warmup epochs for the cosine')
+    if args.warmup_prefix and args.sched != 'cosine':
+        raise UsageError(f'{_where(args, "warmup_prefix")}: applies to --sched cosine only (the step schedule\'s '
+                         f'milestones count from epoch 0), got --sched {args.sched}')
     return args
+
+
+def resolve_device_settings(args: argparse.Namespace, device) -> None:
+    """What depends on the device the rank runs on, decided after that device is set (a CUDA query before it would
+    open a context on GPU 0 in every rank): --amp-dtype auto, and --sync-bn, which torch implements for CUDA only."""
+    if args.amp_dtype == 'auto':
+        import torch
+        capability = torch.cuda.get_device_capability(device) if device.type == 'cuda' else None
+        args.amp_dtype = auto_amp_dtype(device.type, capability)
+    if args.sync_bn and device.type != 'cuda':
+        raise UsageError(f'{_where(args, "sync_bn")}: torch\'s SyncBatchNorm runs on CUDA devices only, and this run '
+                         f'is on the {device.type}; leave it out')
+
+
+def auto_amp_dtype(device_type: str, capability: tuple[int, int] | None) -> str:
+    """bfloat16 where the hardware computes in it: CUDA compute capability 8.0 (Ampere) and newer, and CPUs.
+    Volta (7.0) and Turing (7.5), the papers' V100 among them, only emulate it (``torch.cuda.is_bf16_supported``
+    says True there), so they get float16 with a gradient scaler."""
+    if device_type == 'cuda':
+        return 'bfloat16' if capability is not None and capability >= (8, 0) else 'float16'
+    return 'bfloat16'

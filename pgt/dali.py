@@ -3,14 +3,18 @@
 
 The same data as the torch backend: labels from torchvision's ImageFolder scan of the same tree (sorted class
 folders), so checkpoints move between backends; training random-resized-crop (``--scale``, ``--ratio``), resize to
-``--img-size`` with linear interpolation, horizontal flip ``--hflip``, ImageNet normalisation; evaluation resize of the
-shorter side to img_size / crop_pct and a centre crop. Two differences to know: DALI always uses linear
-interpolation and no colour jitter (the published pipeline's choices, which the paper recipes also set), and exact
-mid-epoch resume is a property of the torch backend only (DALI's reader order is not restartable at a sample).
+``--img-size`` with linear interpolation, horizontal flip ``--hflip``; evaluation resize of the shorter side to
+val_img_size / crop_pct and a centre crop. The pipelines end in uint8 (HWC with --channels-last, else CHW) and the
+normalisation happens on the device, as for the torch backend (pgt.data.device_loader). Two differences to know: DALI
+always uses linear interpolation and no colour jitter (the published pipeline's choices, which the paper recipes also
+set), and exact mid-epoch resume is a property of the torch backend only (DALI's reader order is not restartable at a
+sample).
 
-Sharding: the file list is padded by repeating its first files until it divides by the world size (as the torch
-backend's sampler does), so every rank gets a shard of the same length and runs the same number of steps; the reader
-shuffles the whole list with the run's seed every epoch (``shuffle_after_epoch``) before sharding. Validation is not
+Order and sharding: DALI's reader reshuffles the whole list every epoch (``shuffle_after_epoch``) with a seed of its
+own (a constant plus the epoch; its ``seed`` argument does not reach that shuffle), so the file list is first
+permuted with the run's --seed: each epoch's order then depends on --seed, and is the same on every rank. The list is
+padded by repeating its first files until it divides by the world size (as the torch backend's sampler does), so
+every rank gets a shard of the same length and runs the same number of steps. Validation is neither permuted nor
 padded: shards partition the list and the last partial batch is kept, so every image is evaluated exactly once.
 """
 from __future__ import annotations
@@ -22,9 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .data import Loaders, check_same_classes, check_split, scan_image_folder
+from .data import Loaders, check_same_classes, check_split, device_loader, scan_image_folder
 from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -88,12 +91,14 @@ def pad_to_multiple(files: list, labels: list, world_size: int) -> tuple[list, l
     return files + files[:extra], labels + labels[:extra]
 
 
+def seeded_order(files: list, labels: list, seed: int) -> tuple[list, list]:
+    """The file list permuted by --seed (see the module docstring)."""
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [files[i] for i in order], [labels[i] for i in order]
+
+
 def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, gpu: bool, device_id):
     fn, pipeline_def, types, _, _ = _import_dali()
-    mean = [255 * m for m in IMAGENET_DEFAULT_MEAN]
-    std = [255 * s for s in IMAGENET_DEFAULT_STD]
-    fp16 = getattr(args, 'amp', False) and getattr(args, 'amp_dtype', 'float16') == 'float16'
-    out_dtype = types.FLOAT16 if fp16 else types.FLOAT  # DALI has no bfloat16: autocast casts float32 inputs
     layout = 'HWC' if getattr(args, 'channels_last', False) else 'CHW'
     decoder_device = 'mixed' if gpu else 'cpu'
 
@@ -102,7 +107,7 @@ def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, g
         jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                        shuffle_after_epoch=training, seed=args.seed, pad_last_batch=True,
                                        name='Reader')
-        size = args.img_size
+        size = args.img_size if training else getattr(args, 'val_img_size', None) or args.img_size
         if training:
             extra = {'hw_decoder_load': 0.99} if gpu else {}  # the A100/H100 hardware JPEG decoder takes most
             images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
@@ -111,26 +116,27 @@ def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, g
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                                antialias=False)
             mirror = fn.random.coin_flip(probability=args.hflip)
-            images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout=layout, mean=mean, std=std,
-                                              mirror=mirror)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
         else:
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=math.floor(size / args.crop_pct),
                                interp_type=types.INTERP_LINEAR)
-            images = fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout=layout, crop=(size, size),
-                                              crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, crop=(size, size),
+                                              crop_pos_x=0.5, crop_pos_y=0.5)
         return images, label
 
     threads = max(1, getattr(args, 'workers', 4))
+    # exec_dynamic=False: the iterator then copies each output into a tensor torch owns. With the dynamic executor
+    # it hands out views of DALI's buffers, which a pipeline that stops on a bad image frees under them (a crash).
     pipe = pipeline(batch_size=args.batch_size, num_threads=threads, device_id=device_id,
-                    seed=args.seed * 1000 + shard_id, prefetch_queue_depth=2)
+                    seed=args.seed * 1000 + shard_id, prefetch_queue_depth=2, exec_dynamic=False)
     pipe.build()
     return pipe
 
 
 class DaliLoader:
     """A DALI pipeline behind the interface train.py expects of a loader: ``len``, ``sampler.set_epoch`` and
-    (images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank."""
+    (uint8 images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank."""
 
     def __init__(self, pipe, training: bool, steps: int | None, files: list[str]):
         *_, iterator_cls, policy = _import_dali()
@@ -180,12 +186,12 @@ def _dali_setup(args, device: torch.device):
 
 
 def build_dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
-    """The evaluation pipeline alone (validate.py); returns (loader, class names)."""
+    """The evaluation pipeline alone (validate.py); returns (device loader, class names)."""
     gpu, device_id = _dali_setup(args, device)
     files, labels, classes = image_list(args.data_dir, split)
     loader = DaliLoader(_build_pipeline(False, files, labels, args, rank, world_size, gpu, device_id),
                         training=False, steps=None, files=files)
-    return loader, classes
+    return device_loader(loader, args, device), classes
 
 
 def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
@@ -193,11 +199,11 @@ def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -
     train_files, train_labels, classes = image_list(args.data_dir, 'train')
     val, val_classes = build_dali_val_loader(args, rank, world_size, device)
     check_same_classes(val_classes, classes, f'{args.data_dir}/val', 'train/')
-    train_files, train_labels = pad_to_multiple(train_files, train_labels, world_size)
+    train_files, train_labels = pad_to_multiple(*seeded_order(train_files, train_labels, args.seed), world_size)
     steps = len(train_files) // world_size // args.batch_size
     if steps == 0:
         raise UsageError(f'{args.data_dir}/train: {len(train_files)} images give no full batch of '
                          f'{args.batch_size} per rank over {world_size} rank(s)')
     train = DaliLoader(_build_pipeline(True, train_files, train_labels, args, rank, world_size, gpu, device_id),
                        training=True, steps=steps, files=train_files)
-    return Loaders(train, val, classes)
+    return Loaders(device_loader(train, args, device), val, classes)

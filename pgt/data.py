@@ -1,4 +1,11 @@
-"""Input pipelines: ImageNet-layout folders through torchvision with timm's transforms, and synthetic device data.
+"""Input pipelines: ImageNet-layout folders (and CIFAR-10) through torchvision with timm's transforms, and synthetic
+device data.
+
+As timm's own loader does, workers decode and augment to uint8 tensors, and the batch is normalised on the device
+after a non-blocking copy: timm's ``fast_collate`` and ``PrefetchLoader`` (with a CUDA stream that prefetches the
+next batch where there is a GPU). A float32 image costs four times the bytes of its uint8 form in the workers, in
+shared memory and over PCIe; normalising on the device is free next to the step. Every loader yields device batches:
+images normalised in float32 (NCHW, channels-last strides with --channels-last), int64 targets.
 
 The loader is built here rather than with timm's ``create_loader`` for two reasons the paper runs need: the training
 sampler must resume mid-epoch at the exact sample position (preemption), and validation must see every image exactly
@@ -6,6 +13,7 @@ once across ranks (timm's distributed evaluation sampler pads with duplicates, w
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,11 +23,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader, Sampler
-from torchvision.datasets import ImageFolder
+from timm.data import create_transform
+from timm.data.loader import PrefetchLoader, fast_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .distributed import barrier
 from .errors import DataError, UsageError
 from .preemption import ignore_stop_signals
 
@@ -39,7 +50,10 @@ def check_split(data_dir: str | os.PathLike, split: str) -> Path:
         raise UsageError(f'{root}: no {split}/ folder (expected {split}/<class>/<image>.JPEG)')
     classes = [d for d in split_dir.iterdir() if d.is_dir()]
     if not classes:
-        raise UsageError(f'{split_dir}: no class folders (expected {split}/<class>/<image>.JPEG)')
+        loose = any(f.suffix.lower() in IMG_EXTENSIONS for f in split_dir.iterdir())
+        hint = ('; a raw ILSVRC2012 validation folder? scripts/prepare_imagenet.py sorts it into class folders'
+                if loose else '')
+        raise UsageError(f'{split_dir}: no class folders (expected {split}/<class>/<image>.JPEG){hint}')
     if not any(f.suffix.lower() in IMG_EXTENSIONS for d in classes for f in d.iterdir()):
         raise UsageError(f'{split_dir}: class folders hold no images ({", ".join(IMG_EXTENSIONS[:3])}, ...)')
     return split_dir
@@ -121,22 +135,7 @@ class ImageFolderWithRecovery(ImageFolder):
             raise DataError(f'cannot read image {path}: {" ".join(str(error).split())}') from None
         return (self.transform(image) if self.transform else image), target
 
-    def __getitem__(self, key):
-        """``key`` is an index, or (index, seed) from a seeded ShardedSampler: the sample's augmentation then draws
-        from its own generator, so it is the same whichever worker loads it and after any resume."""
-        if isinstance(key, tuple):
-            index, seed = key
-            python_state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                try:
-                    return self._get(index)
-                finally:
-                    random.setstate(python_state)
-        return self._get(key)
-
-    def _get(self, index):
+    def __getitem__(self, index):
         for attempt in range(len(self.samples)):
             try:
                 return self._load((index + attempt) % len(self.samples))
@@ -146,8 +145,39 @@ class ImageFolderWithRecovery(ImageFolder):
                 self._count_unreadable()
                 log.warning('%s; %s', error, 'using the next image' if self.replace else 'left out of the metrics')
                 if not self.replace:
-                    return torch.zeros(3, self.image_size, self.image_size), -1
+                    return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1
         raise DataError(f'{self.root}: no readable image')
+
+
+class SeededSamples(Dataset):
+    """Each sample's augmentation draws from its own generators, seeded by the (index, seed) key that a seeded
+    ShardedSampler yields: the same whichever worker loads it and after any resume, which is what makes a resumed
+    run bitwise the run that never stopped.
+
+    In a worker process the global RNG state belongs to that worker alone and every sample reseeds it, so seeding is
+    enough. In the main process (--workers 0) the state is the training's own (dropout, mixup): it is forked and
+    restored around the sample."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        if torch.utils.data.get_worker_info() is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            return self.dataset[index]
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
 
 
 class ShardedSampler(Sampler):
@@ -157,7 +187,7 @@ class ShardedSampler(Sampler):
     the permutation by repeating its start until it divides by the world size (as DistributedSampler does: each rank
     then runs the same number of steps); validation (``pad=False``) shards without padding, so that every image is
     evaluated exactly once over all ranks. ``set_epoch(epoch, skip_batches)`` drops the batches a run already did.
-    With ``seed_samples`` it yields (index, per-sample seed) pairs for ImageFolderWithRecovery.
+    With ``seed_samples`` it yields (index, per-sample seed) pairs for SeededSamples.
     """
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
@@ -194,20 +224,89 @@ class ShardedSampler(Sampler):
 
 
 def build_transform(args, training: bool):
-    """timm's ImageNet transforms with every setting explicit (the paper recipes differ from timm's defaults)."""
+    """timm's ImageNet transforms with every setting explicit (the paper recipes differ from timm's defaults),
+    ending in a uint8 CHW tensor: normalisation happens on the device (``use_prefetcher``, as timm's loader)."""
     if training:
         return create_transform(args.img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
                                 hflip=args.hflip, color_jitter=args.color_jitter or None,
-                                interpolation=args.train_interpolation, mean=IMAGENET_DEFAULT_MEAN,
-                                std=IMAGENET_DEFAULT_STD)
-    return create_transform(args.img_size, is_training=False, interpolation=args.interpolation,
-                            crop_pct=args.crop_pct, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                                interpolation=args.train_interpolation, use_prefetcher=True)
+    return create_transform(args.val_img_size or args.img_size, is_training=False, interpolation=args.interpolation,
+                            crop_pct=args.crop_pct, use_prefetcher=True)
 
 
 def build_dataset(args, split: str) -> ImageFolderWithRecovery:
     training = split == 'train'
     return ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
-                                   replace=training, strict=args.strict_data, image_size=args.img_size)
+                                   replace=training, strict=args.strict_data,
+                                   image_size=args.img_size if training else args.val_img_size or args.img_size)
+
+
+class FolderCIFAR10(CIFAR10):
+    """torchvision's CIFAR-10 reader (the python-pickle batches in <root>/cifar-10-batches-py/). Its integrity check
+    compares every file with the md5 of the official archive, which also refuses a copy in the same format made
+    elsewhere (a re-packed mirror, a generated test set); here a local folder needs its files, and a download is
+    still checked by torchvision against the archive's md5."""
+
+    meta = {**CIFAR10.meta, 'md5': None}  # torchvision's check_integrity accepts any existing file without an md5
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+
+def cifar_transform(args, training: bool):
+    """The published code's CIFAR-10 augmentation (horizontal flip, 32 px random crop with 4 px zero padding), as
+    uint8 CHW tensors like the ImageNet transforms."""
+    if training:
+        return transforms.Compose([transforms.RandomHorizontalFlip(args.hflip),
+                                   transforms.RandomCrop(args.img_size, padding=4), transforms.PILToTensor()])
+    return transforms.PILToTensor()
+
+
+def build_cifar_dataset(args, split: str, rank: int = 0) -> FolderCIFAR10:
+    """CIFAR-10's training set for 'train', its test set otherwise. With --dataset-download, rank 0 downloads it into
+    --data-dir first."""
+    if not args.data_dir:
+        raise UsageError('no --data-dir given (the folder holding cifar-10-batches-py/, or where to download it)')
+    training = split == 'train'
+    if getattr(args, 'dataset_download', False) and rank == 0:
+        try:
+            FolderCIFAR10(args.data_dir, train=training, download=True)
+        except OSError as error:  # no network, a full disk
+            raise UsageError(f'could not download CIFAR-10 into {args.data_dir}: {error}') from None
+    barrier()
+    try:
+        return FolderCIFAR10(args.data_dir, train=training, transform=cifar_transform(args, training))
+    except RuntimeError:
+        raise UsageError(f'{args.data_dir}: no CIFAR-10 in torchvision\'s format (cifar-10-batches-py/ with '
+                         f'data_batch_1-5 and test_batch); pass --dataset-download to fetch it') from None
+
+
+def _collate(batch, channels_last: bool):
+    """timm's fast_collate (uint8 images stacked, int64 targets), in the memory format the model trains in."""
+    images, targets = fast_collate(batch)
+    return (images.contiguous(memory_format=torch.channels_last) if channels_last else images), targets
+
+
+def device_loader(loader, args, device: torch.device) -> PrefetchLoader:
+    """uint8 batches to normalised float32 on the device, the next batch prefetched on a CUDA stream (timm's)."""
+    return PrefetchLoader(loader, mean=tuple(args.mean), std=tuple(args.std), device=device)
+
+
+def _loader_options(args, device: torch.device) -> dict:
+    # The loader's own generator: its worker seeds must not draw from (and so shift) the training RNG stream.
+    return dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
+                generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_stop_signals,
+                collate_fn=functools.partial(_collate, channels_last=bool(getattr(args, 'channels_last', False))))
+
+
+def build_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
+    """The evaluation loader of the torch backend, every image once over the ranks: (loader, dataset)."""
+    dataset = build_cifar_dataset(args, split, rank) if getattr(args, 'dataset', None) == 'cifar10' else \
+        build_dataset(args, split)
+    loader = DataLoader(dataset, batch_size=args.batch_size, **_loader_options(args, device),
+                        sampler=ShardedSampler(len(dataset), rank, world_size, shuffle=False, pad=False))
+    return device_loader(loader, args, device), dataset
 
 
 def check_same_classes(found: list[str], expected: list[str], where: str, expected_from: str) -> None:
@@ -232,20 +331,19 @@ class Loaders:
 
 
 def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
-    train_set, val_set = build_dataset(args, 'train'), build_dataset(args, 'val')
+    cifar = args.dataset == 'cifar10'
+    train_set = build_cifar_dataset(args, 'train', rank) if cifar else build_dataset(args, 'train')
+    val, val_set = build_val_loader(args, rank, world_size, device)
     check_same_classes(train_set.classes, val_set.classes, f'{args.data_dir}/val', 'train/')
-    # The loader's own generator: its worker seeds must not draw from (and so shift) the training RNG stream.
-    common = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
-                  generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_stop_signals)
     train_sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed, pad=True,
                                    batch_size=args.batch_size, seed_samples=True)
-    val_sampler = ShardedSampler(len(val_set), rank, world_size, shuffle=False, pad=False)
-    train = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True, **common)
-    val = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
+    train = DataLoader(SeededSamples(train_set), batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                       **_loader_options(args, device))
     if len(train) == 0:
         raise UsageError(f'{args.data_dir}/train: {len(train_set)} images give no full batch of {args.batch_size} '
                          f'per rank over {world_size} rank(s)')
-    return Loaders(train, val, train_set.classes, train_set)
+    return Loaders(device_loader(train, args, device), val, list(train_set.classes),
+                   None if cifar else train_set)
 
 
 class SyntheticLoader:
@@ -275,6 +373,9 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loa
         val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
         return Loaders(train, val, [f'class_{i}' for i in range(classes)])
     if args.data_backend == 'dali':
+        if args.dataset != 'imagefolder':
+            raise UsageError(f'--data-backend dali reads ImageNet-layout folders; --dataset {args.dataset} needs '
+                             f'--data-backend torch')
         from .dali import build_dali_loaders
         return build_dali_loaders(args, rank, world_size, device)
     return build_torch_loaders(args, rank, world_size, device)

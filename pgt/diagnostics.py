@@ -21,14 +21,23 @@ over all parameters, optionally through a fixed random mask (Sec. 1.6). Metrics,
 - filters: per conv layer, the L2 norm of every output filter (histograms) and the number below ZERO_FILTER_EPS;
   pooled features: how many global-average-pooled features are zero for every image of the probe batch. Cost: one
   pass over the weights, one forward of the probe batch.
+- the series of the papers' Fig. 5: for the weight layers of ``layers`` (default 11 and 19), the L2 norm of each
+  output filter, ||W_k[f]||_2, and for the pooled features the L2 norm of each feature over the probe batch,
+  ||h[:, j]||_2, to ``filter_norms.csv`` (epoch, step, series, index, norm). Layers are numbered as the papers count
+  them: the weight tensors with more than one dimension (convolutions and the classifier), in the order
+  ``model.parameters()`` lists them, from 0. For ResNet-18 that is conv1 = 0, ..., layer3.0.conv2 = 11 (Fig. 5a),
+  ..., layer4.1.conv2 = 19, the last convolution (Fig. 5b), and the classifier = 20.
 
 The probe batch is the first validation batch (fixed and deterministic). Probes run on the unwrapped model with the
 training RNG forked, buffers (batch-norm statistics) and train/eval mode restored, and gradients cleared, so the
-training trajectory is the same with diagnostics on or off.
+training trajectory is the same with diagnostics on or off. With SyncBatchNorm (--sync-bn) they run on a copy of
+the model with plain batch norm, refreshed from the training weights before each probe: a train-mode forward of
+SyncBatchNorm is a collective, which rank 0 alone would wait in forever.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import math
 from pathlib import Path
@@ -38,6 +47,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from .engine import LOGIT_STAT_NAMES, logit_statistic_sums
+from .errors import UsageError
 from .transform import power_grad_cross_entropy
 
 ZERO_FILTER_EPS = 1e-5  # a live filter has norm of order 1 at He initialisation; weight decay drives dead ones to 0
@@ -137,12 +147,52 @@ def count_zeroed_filters(norms: dict[str, torch.Tensor], eps: float = ZERO_FILTE
     return {name: int((n < eps).sum()) for name, n in norms.items()}
 
 
+def weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The weight layers as the papers number them: parameters with more than one dimension, in parameter order."""
+    return [(name, p) for name, p in model.named_parameters() if p.dim() > 1]
+
+
 @torch.no_grad()
-def dead_pooled_features(model: nn.Module, images: torch.Tensor) -> int:
-    """Global-average-pooled features (timm's pre-logits) that are zero for every image."""
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[batch, features]: the global-average-pooled features (timm's pre-logits), in eval mode."""
     model.eval()
-    pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-    return int((pooled.abs().amax(0) == 0).sum())
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def dead_pooled_features(model: nn.Module, images: torch.Tensor) -> int:
+    """Global-average-pooled features that are zero for every image."""
+    return int((pooled_features(model, images).abs().amax(0) == 0).sum())
+
+
+def series_layers(model: nn.Module, layers) -> dict[str, str]:
+    """{'layer<k>': parameter name} for the weight layers of ``layers``; a number the model lacks is an error."""
+    named = weight_layers(model)
+    if any(k >= len(named) for k in layers):
+        raise UsageError(f'--diagnostics-layers: {model.__class__.__name__} has weight layers 0-{len(named) - 1}, '
+                         f'got {", ".join(map(str, layers))}')
+    return {f'layer{k}': named[k][0] for k in layers}
+
+
+def with_plain_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every SyncBatchNorm replaced by a BatchNorm2d of the same parameters and statistics;
+    ``model`` itself when it has none."""
+    if not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+
+    def revert(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.SyncBatchNorm):
+                plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain.to(child.running_mean.device if child.track_running_stats
+                                               else child.weight.device))
+            else:
+                revert(child)
+
+    revert(model)
+    return model
 
 
 class Diagnostics:
@@ -150,8 +200,10 @@ class Diagnostics:
     ``after_step`` after each update. Only rank 0 builds one."""
 
     def __init__(self, model, train_loss, probe, interval: int, run_dir: Path, runlog, mask_fraction: float = 0.0,
-                 micro_batches: int = 4, coherence_examples: int = 8):
+                 micro_batches: int = 4, coherence_examples: int = 8, layers: tuple = ()):
         self.model, self.interval, self.runlog = model, interval, runlog
+        self.probe_model = with_plain_batch_norm(model)
+        self.layers = series_layers(model, layers)
         # The training loss at its current alpha (--pgt-start-epoch changes it), without the target checks, which
         # read values back to the host and cannot run under vmap.
         self.loss_fn = lambda logits, y: power_grad_cross_entropy(logits, y, train_loss.alpha, train_loss.smoothing,
@@ -161,6 +213,7 @@ class Diagnostics:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.mask = GradientMask(self.params, mask_fraction) if mask_fraction else None
         self.csv = Path(run_dir) / 'diagnostics.csv'
+        self.series_csv = Path(run_dir) / 'filter_norms.csv'
         self.updates, self.previous, self.kappa = 0, None, math.nan
 
     def observe_grads(self, lr: float) -> None:
@@ -182,32 +235,55 @@ class Diagnostics:
         stats = logit_statistic_sums(logits.float()) / logits.shape[0]
         row.update(zip(LOGIT_STAT_NAMES, stats.tolist()))
         row['step_consistency'], self.kappa = self.kappa, math.nan
+        probe = self.probe_model
+        if probe is not self.model:
+            probe.load_state_dict(self.model.state_dict())
         # Each probe isolated on its own: the train-mode micro-batch passes move batch-norm statistics, which the
         # eval-mode probes after them must not see.
-        with isolated(self.model):
-            grads = micro_batch_gradients(self.model, self.loss_fn, self.images, self.targets, self.micro_batches,
+        with isolated(probe):
+            grads = micro_batch_gradients(probe, self.loss_fn, self.images, self.targets, self.micro_batches,
                                           self.mask)
             row['gradient_diversity'] = gradient_diversity(grads)
             row['gradient_confusion'] = gradient_confusion(grads)
             del grads
-        with isolated(self.model):
+        with isolated(probe):
             n = self.coherence_examples
             row['gradient_coherence'] = gradient_coherence(per_example_gradients(
-                self.model, self.loss_fn, self.images[:n], self.targets[:n], self.mask))
-        with isolated(self.model):
-            row['dead_pooled_features'] = dead_pooled_features(self.model, self.images)
+                probe, self.loss_fn, self.images[:n], self.targets[:n], self.mask))
+        with isolated(probe):
+            pooled = pooled_features(probe, self.images)
+        row['dead_pooled_features'] = int((pooled.abs().amax(0) == 0).sum())
         norms = filter_norms(self.model)
         row['zeroed_filters'] = sum(count_zeroed_filters(norms).values())
         for name, values in norms.items():
             self.runlog.histogram(f'diagnostics/filter_norms/{name}', values.float().cpu(), global_step)
         for name in COLUMNS[2:]:
             self.runlog.scalar(f'diagnostics/{name}', row[name], global_step)
-        self._write(row)
+        _append_csv(self.csv, COLUMNS, [row])
+        self._write_series(epoch, global_step, pooled)
 
-    def _write(self, row: dict) -> None:
-        new = not self.csv.exists()
-        with open(self.csv, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+    def _write_series(self, epoch: int, step: int, pooled: torch.Tensor) -> None:
+        """Fig. 5's series: per-filter norms of the chosen layers, per-feature norms of the pooled features."""
+        parameters = dict(self.model.named_parameters())
+        series = {label: parameters[name].detach().flatten(1).norm(dim=1) for label, name in self.layers.items()}
+        series['pooled'] = pooled.double().norm(dim=0)
+        rows = []
+        for label, values in series.items():
+            values = values.double().cpu()
+            self.runlog.histogram(f'diagnostics/fig5/{label}', values, step)
+            self.runlog.scalar(f'diagnostics/fig5/{label}_zero', int((values < ZERO_FILTER_EPS).sum()), step)
+            rows += [{'epoch': epoch, 'step': step, 'series': label, 'index': i, 'norm': v}
+                     for i, v in enumerate(values.tolist())]
+        _append_csv(self.series_csv, SERIES_COLUMNS, rows)
+
+
+SERIES_COLUMNS = ('epoch', 'step', 'series', 'index', 'norm')
+
+
+def _append_csv(path: Path, columns: tuple, rows: list[dict]) -> None:
+    new = not path.exists()
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

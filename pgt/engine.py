@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
+from tqdm import tqdm
 
 from .distributed import all_reduce_sum, world_size
 
@@ -32,10 +34,14 @@ class TrainingParts:
     amp_dtype: torch.dtype | None = None
     clip_grad: float | None = None
     clip_mode: str = 'norm'
+    clip_params: list[torch.Tensor] | None = None  # what clipping acts on (default: every optimized parameter)
     channels_last: bool = False
     mixup: Callable | None = None
     grad_observer: Callable[[float], None] | None = None  # sees the unscaled gradients before the update (lr)
     buffer_guard: BufferGuard | None = None  # undoes a skipped update's changes to buffers (BN statistics)
+    # The total gradient norm, logged and used to count skipped steps. Only benchmark.py's timm-like step, which
+    # times what timm's benchmark times, goes without it (and then reports a norm of 0).
+    track_grad_norm: bool = True
 
     def autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -168,11 +174,13 @@ def train_step(parts: TrainingParts, micro_batches, device: torch.device):
 def optimizer_update(parts: TrainingParts) -> torch.Tensor:
     parts.scaler.unscale_(parts.optimizer)
     params = [p for group in parts.optimizer.param_groups for p in group['params'] if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if parts.track_grad_norm else \
+        torch.zeros((), device=params[0].device)
     if parts.grad_observer is not None:
         parts.grad_observer(parts.optimizer.param_groups[0]['lr'])
     if parts.clip_grad is not None:
-        dispatch_clip_grad(params, parts.clip_grad, mode=parts.clip_mode)
+        clipped = params if parts.clip_params is None else [p for p in parts.clip_params if p.grad is not None]
+        dispatch_clip_grad(clipped, parts.clip_grad, mode=parts.clip_mode)
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
@@ -188,27 +196,26 @@ class StepEvent:
     logits: torch.Tensor
     loss: torch.Tensor
     grad_norm: torch.Tensor
+    images: int  # in this update, on this rank
+    data_seconds: float  # host time spent waiting for input so far this epoch
 
 
 def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_steps: int = 1, start_step: int = 0,
                     meters: EpochMeters | None = None, streak: SkipStreak | None = None,
                     on_step: Callable[[StepEvent], None] | None = None) -> dict:
     """Train over ``loader`` from update ``start_step`` on; ``on_step`` runs after each update (logging,
-    checkpoints, preemption, diagnostics). Returns the epoch's loss, top-1 (running average over the epoch, as the
-    published logs report), images/s and skipped steps, over all ranks."""
+    checkpoints, preemption, diagnostics). With gradient accumulation, micro-batches left at the end of the epoch
+    make a last, smaller update (as timm's train.py does), so that every batch is trained on. Returns the epoch's
+    loss, top-1 (running average over the epoch, as the published logs report), images/s and skipped steps, over
+    all ranks."""
     parts.model.train()
     meters = meters or EpochMeters.zeros(device)
     streak = streak or SkipStreak.zeros(device)
-    steps_in_epoch = start_step + len(loader) // accum_steps
-    micro, step, images_seen, timer = [], start_step, 0, None
-    for images, targets in loader:
-        images, targets = to_device(images, targets, device, parts.channels_last)
-        hard = targets
-        if parts.mixup is not None:
-            images, targets = parts.mixup(images, targets)
-        micro.append((images, targets, hard))
-        if len(micro) < accum_steps:
-            continue
+    steps_in_epoch = start_step + math.ceil(len(loader) / accum_steps)
+    step, images_seen, timer, waited, micro = start_step, 0, None, [0.0], []
+
+    def update():
+        nonlocal step, images_seen, timer
         losses, logits, grad_norm = train_step(parts, [(x, y) for x, y, _ in micro], device)
         finite = torch.isfinite(grad_norm)
         for loss, out, (_, _, y) in zip(losses, logits, micro):
@@ -218,16 +225,41 @@ def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_st
         meters.skipped_steps += (~finite).long()
         streak.update(finite)
         step += 1
-        images_in_step = sum(y.shape[0] for _, _, y in micro)
+        images = sum(y.shape[0] for _, _, y in micro)
         if timer is None:  # time from the end of the first step: excludes start-up and compilation
             timer = _synchronized_clock(device)
         else:
-            images_seen += images_in_step
+            images_seen += images
         if on_step is not None:
-            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm))
-        micro = []
+            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm, images, waited[0]))
+
+    for images, targets in _timed(loader, waited):
+        images, targets = to_device(images, targets, device, parts.channels_last)
+        hard = targets
+        if parts.mixup is not None:
+            images, targets = parts.mixup(images, targets)
+        micro.append((images, targets, hard))
+        if len(micro) == accum_steps:
+            update()
+            micro = []
+    if micro:  # the epoch's last, partial accumulation
+        update()
     elapsed = _synchronized_clock(device) - timer if timer is not None else 0.0
     return epoch_metrics(meters, images_seen, elapsed)
+
+
+def _timed(loader, waited: list[float]):
+    """Iterate ``loader``, adding to ``waited[0]`` the host time spent waiting for each batch."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            waited[0] += time.perf_counter() - start
+        yield batch
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -248,40 +280,51 @@ def epoch_metrics(meters: EpochMeters, images_seen: int, elapsed: float) -> dict
             'img_per_sec': rate.item(), 'skipped_steps': int(skipped)}
 
 
-def logit_statistic_sums(logits: torch.Tensor) -> torch.Tensor:
+def logit_statistic_sums(logits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image logit statistics summed over the batch (the published code's --logit-stats), float64:
-    [sum ||z||_2, sum |mean_i z_i|, sum |max_i z_i|, sum var_i z_i] (variance over classes, population form)."""
+    [sum ||z||_2, sum |mean_i z_i|, sum |max_i z_i|, sum var_i z_i] (variance over classes, population form);
+    images where ``keep`` is False count zero."""
     z = logits.double()
-    return torch.stack([z.norm(dim=-1).sum(), z.mean(-1).abs().sum(), z.max(-1).values.abs().sum(),
-                        z.var(-1, unbiased=False).sum()])
+    per_image = torch.stack([z.norm(dim=-1), z.mean(-1).abs(), z.max(-1).values.abs(), z.var(-1, unbiased=False)])
+    if keep is not None:
+        per_image = per_image * keep
+    return per_image.sum(-1)
 
 
 LOGIT_STAT_NAMES = ('logit_norm', 'logit_mean', 'logit_max', 'logit_var')
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, progress: bool = False) -> dict:
     """Cross-entropy, top-1, top-5 and logit statistics over every image of ``loader`` (each rank its shard,
-    summed over ranks). Images the loader could not read carry target -1: counted as ``unreadable``, left out."""
-    model.eval()
-    sums = torch.zeros(9, dtype=torch.float64, device=device)  # loss, top1, top5, n, unreadable, 4 logit stats
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, targets in loader:
-        images, targets = to_device(images, targets, device, channels_last)
-        with autocast:
-            logits = model(images)
-        keep = targets >= 0
-        logits, targets = logits[keep].float(), targets[keep]
-        top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices
-        sums += torch.cat([
-            torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
-                         (top5[:, 0] == targets).sum().double(), (top5 == targets[:, None]).any(-1).sum().double(),
-                         torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
-                         (~keep).sum().double()]),
-            logit_statistic_sums(logits)])
-    loss, top1, top5, n, unreadable, *stats = all_reduce_sum(sums).tolist()
+    summed over ranks). ``progress`` shows a bar on a terminal."""
+    sums = evaluation_sums(model, loader, device, amp_dtype, channels_last, progress)
+    loss, top1, top5, n, unreadable, *stats = all_reduce_sum(sums).tolist()  # the one host synchronisation
     result = {'loss': loss / n if n else math.nan, 'top1': 100 * top1 / n if n else math.nan,
               'top5': 100 * top5 / n if n else math.nan, 'images': int(n), 'unreadable': int(unreadable)}
     result.update({name: value / n if n else math.nan for name, value in zip(LOGIT_STAT_NAMES, stats)})
     return result
+
+
+@torch.no_grad()
+def evaluation_sums(model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False, progress: bool = False) -> torch.Tensor:
+    """The sums behind evaluate, on the device: [loss, top-1, top-5, images, unreadable, 4 logit statistics]. Images
+    the loader could not read carry target -1: counted as unreadable and left out by weights rather than by
+    indexing, so that no batch waits for the host."""
+    model.eval()
+    sums = torch.zeros(9, dtype=torch.float64, device=device)  # loss, top1, top5, n, unreadable, 4 logit stats
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, targets in tqdm(loader, desc='validate', unit='batch', leave=False, file=sys.stderr,
+                                disable=None if progress else True, mininterval=1.0):
+        images, targets = to_device(images, targets, device, channels_last)
+        with autocast:
+            logits = model(images)
+        logits, keep = logits.float(), targets >= 0
+        top5 = logits.topk(min(5, logits.shape[1]), dim=-1).indices  # a target of -1 matches no class
+        sums += torch.cat([
+            torch.stack([F.cross_entropy(logits, targets, ignore_index=-1, reduction='sum').double(),
+                         (top5[:, 0] == targets).sum().double(), (top5 == targets[:, None]).any(-1).sum().double(),
+                         keep.sum().double(), (~keep).sum().double()]),
+            logit_statistic_sums(logits, keep)])
+    return sums

@@ -1,6 +1,7 @@
 """User-facing errors: one readable line on stderr and exit code 2; the traceback only with --debug."""
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import re
 import sys
@@ -37,6 +38,19 @@ class StoppedDuringStartUp(BaseException):
 
 class DataError(UsageError):
     """An unreadable or corrupt input file; the message names the file."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """The argument parser of every program of the suite: no abbreviations (``--smooth`` must not silently mean
+    ``--smoothing``), and a bad command line is one line and exit code 2 (through run_cli), not argparse's usage
+    dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f'{message} (see --help)')
 
 
 def one_line(error: BaseException) -> str:

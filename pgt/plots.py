@@ -1,4 +1,16 @@
-"""Figures of the papers from a suite's own runs: accuracy curves (Fig. 3) and logits/loss against alpha (Fig. 6)."""
+"""The papers' figures from this suite's runs, drawn for a paper: panels labelled (a), (b), ... as in the papers,
+integer epochs, legends outside the data, published results as reference lines, saved as PNG (200 dpi) and PDF.
+
+- Fig. 2 (ICLR): train and test top-1 and the generalisation gap (train - test) against alpha, a panel per model.
+- Fig. 3: train and test top-1 per epoch on log-log axes, as the papers draw them, the mean over seeds with a band of
+  one standard deviation.
+- Fig. 5: per-filter L2 norms of two weight layers and per-feature norms of the pooled features over iterations,
+  for a baseline and a PGT run (pgt.diagnostics' filter_norms.csv).
+- Fig. 6: logit norm and loss against alpha, and loss against logit norm with its least-squares line and R^2.
+
+Each ``*_figure`` function returns the matplotlib Figure (so that its axes, labels and legends can be inspected);
+``save_figure`` writes it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,57 +20,143 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter  # noqa: E402
+
+DPI = 200
+PANELS = 'abcdefghij'
 
 
-def plot_accuracy_curves(curves: dict, title: str, path: Path) -> Path:
-    """Fig. 3: train and test top-1 per epoch for each labelled run ({label: summary rows})."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for label, rows in curves.items():
-        epochs = [int(r['epoch']) for r in rows]
-        axes[0].plot(epochs, [float(r['train_top1']) for r in rows], label=label)
-        axes[1].plot(epochs, [float(r['eval_top1']) for r in rows], label=label)
+def save_figure(fig, stem: Path) -> list[Path]:
+    """Write ``fig`` as <stem>.png (200 dpi) and <stem>.pdf; returns both paths."""
+    paths = [Path(f'{stem}.png'), Path(f'{stem}.pdf')]
+    for path in paths:
+        fig.savefig(path, dpi=DPI, bbox_inches='tight')
+    plt.close(fig)
+    return paths
+
+
+def _label_panels(axes, first: int = 0) -> None:
+    for i, ax in enumerate(axes):
+        ax.set_title(f'({PANELS[first + i]})', loc='left', fontweight='bold')
+
+
+def _integer_log_axis(ax, last: int) -> None:
+    """A log axis of 1-based epochs with integer tick labels (1, 2, 5, 10, 20, 50, 100, ...)."""
+    ax.set_xscale('log')
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= max(last, 1)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _mean_and_band(runs: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs 1-based, mean, std) over seeds, on the epochs that every seed has reached."""
+    length = min(len(rows) for rows in runs)
+    values = np.array([[float(r[key]) for r in rows[:length]] for rows in runs])
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(length)
+    return np.arange(1, length + 1), values.mean(axis=0), std
+
+
+def accuracy_curves_figure(curves: dict[str, list[list[dict]]], title: str,
+                           published: dict[str, dict] | None = None):
+    """Fig. 3: (a) train and (b) test top-1 per epoch for each labelled row ({label: [summary rows of each seed]}),
+    with the row's published final train and test top-1 as dashed lines ({label: {'train_acc', 'test_acc'}})."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout='constrained')
+    published = published or {}
+    last = 1
+    for color, (label, runs) in zip(plt.rcParams['axes.prop_cycle'].by_key()['color'], curves.items()):
+        for ax, key, paper_key in ((axes[0], 'train_top1', 'train_acc'), (axes[1], 'eval_top1', 'test_acc')):
+            epochs, mean, std = _mean_and_band(runs, key)
+            last = max(last, int(epochs[-1]))
+            seeds = f' ({len(runs)} seeds)' if len(runs) > 1 else ''
+            ax.plot(epochs, mean, color=color, label=f'{label}{seeds}')
+            if len(runs) > 1:
+                ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            value = published.get(label, {}).get(paper_key)
+            if value is not None:
+                ax.axhline(float(value), color=color, linestyle='--', linewidth=1, label=f'{label}: published')
     for ax, name in zip(axes, ('train top-1 (%)', 'test top-1 (%)')):
+        _integer_log_axis(ax, last)
+        ax.set_yscale('log')
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel('epoch')
         ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.grid(alpha=0.3, which='both')
+    _label_panels(axes)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='outside lower center', ncol=2, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_alpha_sweep(results: list[dict], out_dir: Path, prefix: str = 'fig6') -> list[Path]:
-    """Fig. 6 from validate.py's JSON objects (each with pgt_alpha, logit_norm, loss): (a) logit norm against
-    alpha, (b) final loss against alpha, (c) loss against logit norm with its least-squares line."""
-    out_dir = Path(out_dir)
+def grid_figure(grids: dict[str, list[tuple[float, float, float]]]):
+    """Fig. 2: for each model ({title: [(alpha, train top-1, test top-1)]}), train and test top-1 against alpha and,
+    on the right axis, the gap train - test."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 4), layout='constrained', squeeze=False)
+    axes = axes[0]
+    for ax, (title, points) in zip(axes, grids.items()):
+        alpha, train, test = (np.array(v, dtype=float) for v in zip(*sorted(points)))
+        ax.plot(alpha, train, 'o-', label='train top-1')
+        ax.plot(alpha, test, 's-', label='test top-1')
+        gap_ax = ax.twinx()
+        gap_ax.plot(alpha, train - test, '^:', color='tab:gray', label='gap (train - test)')
+        gap_ax.set_ylabel('generalisation gap (points)')
+        ax.set_xlabel('alpha')
+        ax.set_ylabel('top-1 (%)')
+        ax.set_xticks(alpha, [f'{a:g}' for a in alpha], rotation=45)
+        ax.grid(alpha=0.3)
+        ax.text(0.98, 0.02, title, transform=ax.transAxes, ha='right', va='bottom')
+    _label_panels(axes)
+    handles = axes[0].get_legend_handles_labels()[0] + axes[0].figure.axes[len(grids)].get_legend_handles_labels()[0]
+    fig.legend(handles, [h.get_label() for h in handles], loc='outside lower center', ncol=3, frameon=False)
+    return fig
+
+
+def filter_norms_figure(runs: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]):
+    """Fig. 5: a row per run ({label: {series: (steps [T], norms [T, filters])}}), a column per series (the two
+    layers, the pooled features); each line is one filter or feature."""
+    labels = list(runs)
+    series = list(next(iter(runs.values())))
+    fig, axes = plt.subplots(len(labels), len(series), figsize=(4 * len(series), 3 * len(labels)),
+                             layout='constrained', squeeze=False)
+    for row, label in enumerate(labels):
+        for col, name in enumerate(series):
+            ax = axes[row][col]
+            steps, norms = runs[label][name]
+            ax.plot(steps, norms, linewidth=0.6)
+            ax.set_xlabel('iteration')
+            ax.set_ylabel('pooled feature norm' if name == 'pooled' else f'{name} filter norm')
+            ax.text(0.98, 0.95, label, transform=ax.transAxes, ha='right', va='top')
+            ax.grid(alpha=0.3)
+    _label_panels([ax for row in axes for ax in row])
+    return fig
+
+
+def alpha_sweep_figure(results: list[dict]):
+    """Fig. 6 from validate.py's JSON objects (each with pgt_alpha, logit_norm, loss): (a) logit norm against alpha,
+    (b) final loss against alpha, (c) loss against logit norm with its least-squares line and R^2, each point
+    labelled with its alpha. Returns (figure, (slope, intercept, r2))."""
     points = sorted(((1.0 if r.get('pgt_alpha') is None else r['pgt_alpha'], r['logit_norm'], r['loss'])
                      for r in results))
     alpha, norm, loss = (np.array(v, dtype=float) for v in zip(*points))
-    paths = []
-    for name, x, y, xlabel, ylabel in (('logit_norm', alpha, norm, 'alpha', 'mean logit L2 norm'),
-                                       ('loss', alpha, loss, 'alpha', 'validation loss')):
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot(x, y, 'o-')
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        paths.append(out_dir / f'{prefix}-{name}-vs-alpha.png')
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
     slope, intercept = np.polyfit(norm, loss, 1)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter(norm, loss)
-    grid = np.linspace(norm.min(), norm.max(), 50)
-    ax.plot(grid, slope * grid + intercept, label=f'y = {slope:.5f} x + {intercept:.5f}')
-    ax.set_xlabel('mean logit L2 norm')
-    ax.set_ylabel('validation loss')
-    ax.legend()
-    ax.grid(alpha=0.3)
-    paths.append(out_dir / f'{prefix}-loss-vs-logit-norm.png')
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    residual = loss - (slope * norm + intercept)
+    r2 = 1 - float(residual @ residual) / float(((loss - loss.mean()) ** 2).sum())
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout='constrained')
+    for ax, y, name in ((axes[0], norm, 'mean logit L2 norm'), (axes[1], loss, 'validation loss')):
+        ax.plot(alpha, y, 'o-')
+        ax.set_xlabel('alpha')
+        ax.set_ylabel(name)
+    axes[2].scatter(norm, loss)
+    for a, x, y in zip(alpha, norm, loss):
+        axes[2].annotate(f'α={a:g}', (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    line = np.linspace(norm.min(), norm.max(), 50)
+    axes[2].plot(line, slope * line + intercept, label=f'y = {slope:.4g} x + {intercept:.4g} (R² = {r2:.3f})')
+    axes[2].set_xlabel('mean logit L2 norm')
+    axes[2].set_ylabel('validation loss')
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _label_panels(axes)
+    fig.legend(loc='outside lower center', frameon=False)
+    return fig, (float(slope), float(intercept), r2)

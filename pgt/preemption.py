@@ -9,8 +9,15 @@ does.
 
 During start-up (data scan, model building) a signal stops the process at once with exit code 75: nothing has been
 trained, so nothing is lost. Once training runs (``training_started``), the handler only sets a flag; the training
-loop checks it after every step, agrees on it across ranks, writes a recovery checkpoint and exits with code 75
-(pgt.errors.Preempted), so no step is half done and at most one step is lost. A second SIGINT stops at once.
+loop checks it after steps, agrees on it across ranks, writes a recovery checkpoint and exits with code 75
+(pgt.errors.Preempted), so no step is half done and no trained step is lost. A second SIGINT stops at once.
+
+How often the ranks agree: a single process reads its flag after every step, at no cost. Under DDP agreeing is a CPU
+all-reduce (gloo, no GPU synchronisation), about 0.3 ms with two local ranks and more across nodes, so the ranks
+agree every ``agree_every`` steps (--signal-check-interval, 10 by default, and never more than --recovery-interval)
+and at the last step of each epoch. The exit latency is then at most that many steps: about 1-5 s for ResNet-50 on
+ImageNet, against the 300 s that SLURM's ``--signal=B:USR1@300`` leaves before the kill, and always within one
+recovery interval, so a signal never costs more than the recovery checkpoints already risk.
 """
 from __future__ import annotations
 
@@ -32,9 +39,10 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 
 
 class PreemptionFlag:
-    def __init__(self):
+    def __init__(self, agree_every: int = 1):
         self.signal_name = None
         self.training = False
+        self.agree_every = agree_every
 
     def install(self) -> PreemptionFlag:
         for sig in STOP_SIGNALS:
@@ -54,10 +62,15 @@ class PreemptionFlag:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the recovery checkpoint
         self.signal_name = name
 
-    def requested(self) -> bool:
-        """True on every rank as soon as any rank got a signal. The flag is a CPU tensor: the default group reduces
-        it with gloo (pgt.distributed), so agreeing on it costs no GPU synchronisation."""
+    def requested(self, step: int = 0, steps_in_epoch: int = 0) -> bool:
+        """Whether to stop after update ``step`` of the epoch: on one process, as soon as a signal came; under DDP,
+        True on every rank at the first agreement step (every ``agree_every`` steps, and the epoch's last) after any
+        rank got one, False on every rank in between. The flag is a CPU tensor: the default group reduces it with
+        gloo (pgt.distributed), so agreeing on it costs no GPU synchronisation."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signal_name is not None
+        if step % self.agree_every and step != steps_in_epoch:
+            return False
         flag = torch.tensor([1 if self.signal_name else 0])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag)
+        dist.all_reduce(flag)
         return bool(flag.item())

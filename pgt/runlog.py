@@ -1,46 +1,91 @@
-"""What a run reports: a progress bar with ETA, TensorBoard scalars under <run>/tb, and summary.csv (timm's
-columns: epoch, train_*, eval_*, lr), all from rank 0 only.
+"""What a run reports, from rank 0: interval lines (step/total, loss, images/s, the share of time spent waiting for
+data, ETA) on stderr and in <run>/train.log, a progress bar on a terminal, TensorBoard scalars and HParams under
+<run>/tb, and summary.csv (timm's columns: epoch, train_*, eval_*, lr).
 
 summary.csv is rewritten whole and atomically at every epoch end (timm's ``update_summary`` appends, which a crash
 can leave with half a row), and on every start it keeps only the epochs before the one the run continues from: an
 epoch that is repeated after a crash is logged once. TensorBoard is a convenience: if its files cannot be written
 (a full disk), the run says so once and goes on; the checkpoints and summary.csv are what must not fail silently.
+train.log is appended to by every job of the run; lines logged before the run directory exists (the configuration,
+the resume point) are kept in memory and written first.
 """
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import logging
+import logging.handlers
 import sys
+import time
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .checkpoint import write_atomic
 
 log = logging.getLogger('pgt')
+_FORMAT = logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+_handlers: list[logging.Handler] = []  # installed by setup_logging; replaced when it runs again in one process
+
+
+class _NotQuiet(logging.Filter):
+    """Lets through all but the interval lines marked ``quiet``: those the progress bar already shows on stderr."""
+
+    def filter(self, record):
+        return not getattr(record, 'quiet', False)
 
 
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stderr,
-                        format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+    """The 'pgt' logger: INFO on rank 0 (WARNING elsewhere) to stderr, and a buffer of the records that train.log will
+    start with once RunLog opens it."""
+    for handler in _handlers:
+        log.removeHandler(handler)
+        handler.close()
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(_FORMAT)
+    stderr.addFilter(_NotQuiet())
+    early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    _handlers[:] = [stderr, early] if is_main else [stderr]
+    for handler in _handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def _open_train_log(path: Path) -> None:
+    """Send the 'pgt' logger to ``path`` too (appending), starting with what was logged before it existed."""
+    handler = logging.FileHandler(path, encoding='utf-8')
+    handler.setFormatter(_FORMAT)
+    for early in [h for h in _handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        early.setTarget(handler)
+        early.flush()
+        log.removeHandler(early)
+        _handlers.remove(early)
+    log.addHandler(handler)
+    _handlers.append(handler)
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 class RunLog:
-    def __init__(self, run_dir: Path | None, enabled: bool, start_epoch: int = 0):
+    def __init__(self, run_dir: Path | None, enabled: bool, start_epoch: int = 0, hparams: dict | None = None):
         self.enabled = enabled and run_dir is not None
         self.summary = run_dir / 'summary.csv' if run_dir else None
-        self.rows = []
-        self.tb = None
+        self.rows, self.tb, self.bar = [], None, None
+        self.hparams = hparams
         if self.enabled:
+            _open_train_log(run_dir / 'train.log')
             self.rows = [row for row in read_summary(run_dir) if _epoch_of(row) < start_epoch]
             write_summary(self.summary, self.rows)
             try:
+                from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / 'tb'))
             except Exception as error:
                 self._tensorboard_failed(error)
-        self.bar = None
+            if hparams:
+                self._write_hparams_session()
 
     def _tensorboard(self, method: str, *args) -> None:
         """Call a SummaryWriter method, if TensorBoard logging is still on."""
@@ -54,23 +99,52 @@ class RunLog:
         log.warning('TensorBoard logging stopped: %s', ' '.join(str(error).split())[:200])
         self.tb = None
 
+    def _write_hparams_session(self) -> None:
+        """TensorBoard's HParams tab: the run's configuration, with the metrics that end_epoch writes under
+        ``hparams/`` (final and best eval top-1, final train top-1)."""
+        from torch.utils.tensorboard.summary import hparams
+        values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.hparams.items()}
+        metrics = {f'hparams/{name}': 0.0 for name in HPARAM_METRICS}
+        if self.tb is not None:
+            try:
+                for summary in hparams(values, metrics):
+                    self.tb.file_writer.add_summary(summary)
+            except Exception as error:
+                self._tensorboard_failed(error)
+
     def start_epoch(self, epoch: int, num_epochs: int, steps: int, done: int = 0):
         if self.enabled:
             self.bar = tqdm(total=steps, initial=done, desc=f'epoch {epoch + 1}/{num_epochs}', unit='step',
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=False, disable=None)
-            self.epoch = epoch
+            self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
+            self.interval = {'time': time.perf_counter(), 'step': done, 'images': 0, 'data': 0.0}
 
-    def step(self, global_step: int, epoch_step: int, scalars: dict | None = None):
+    def step(self, global_step: int, event, scalars: dict | None = None):
+        """After every update (``event`` a pgt.engine.StepEvent); ``scalars`` at logging intervals."""
         if not self.enabled:
             return
         self.bar.update(1)
-        if scalars:
-            self.bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()}, refresh=False)
-            if self.bar.disable:  # no terminal (a batch job's log file): a line per logging interval instead
-                log.info('epoch %d step %d: %s', self.epoch, epoch_step,
-                         ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()))
-            for name, value in scalars.items():
-                self.scalar(f'train_step/{name}', value, global_step)
+        self.interval['images'] += event.images
+        if not scalars:
+            return
+        self.bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()}, refresh=False)
+        log.info(self._interval_line(event, scalars), extra={'quiet': not self.bar.disable})
+        for name, value in scalars.items():
+            self.scalar(f'train_step/{name}', value, global_step)
+
+    def _interval_line(self, event, scalars: dict) -> str:
+        """'epoch E step S/T: loss .. | N img/s, data P% | eta H:MM:SS (run H:MM:SS)', as of this interval."""
+        now, interval = time.perf_counter(), self.interval
+        seconds = max(now - interval['time'], 1e-9)
+        per_step = seconds / max(event.step - interval['step'], 1)
+        rate, waiting = interval['images'] / seconds, (event.data_seconds - interval['data']) / seconds
+        left = self.steps - event.step
+        run_left = left + (self.num_epochs - self.epoch - 1) * self.steps
+        self.interval = {'time': now, 'step': event.step, 'images': 0, 'data': event.data_seconds}
+        values = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items())
+        return (f'epoch {self.epoch} step {event.step}/{self.steps}: {values} | {rate:.0f} img/s, data '
+                f'{100 * min(waiting, 1.0):.0f}% | eta {_duration(left * per_step)} '
+                f'(run {_duration(run_left * per_step)})')
 
     def scalar(self, tag: str, value: float, step: int):
         self._tensorboard('add_scalar', tag, value, step)
@@ -88,10 +162,14 @@ class RunLog:
         for name, value in evaluation.items():
             self.scalar(f'eval/{name}', value, epoch)
         self.scalar('train/lr', lr, epoch)
-        self._tensorboard('flush')
         row = {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()},
                **{f'eval_{k}': v for k, v in evaluation.items()}, 'lr': lr}
         self.rows.append(row)  # the rows of this epoch and later were dropped when the run started
+        if self.hparams:
+            best = max(float(r['eval_top1']) for r in self.rows)
+            for name, value in zip(HPARAM_METRICS, (evaluation['top1'], best, train['top1'])):
+                self.scalar(f'hparams/{name}', value, epoch)
+        self._tensorboard('flush')
         write_summary(self.summary, self.rows)
         log.info('epoch %d: train loss %.4f top-1 %.2f | eval loss %.4f top-1 %.2f top-5 %.2f | lr %.4g | %.0f img/s',
                  epoch, train['loss'], train['top1'], evaluation['loss'], evaluation['top1'], evaluation['top5'], lr,
@@ -102,6 +180,9 @@ class RunLog:
             if self.bar is not None:
                 self.bar.close()
             self._tensorboard('close')
+
+
+HPARAM_METRICS = ('eval_top1_final', 'eval_top1_best', 'train_top1_final')
 
 
 def _epoch_of(row: dict) -> float:

@@ -86,22 +86,43 @@ def target_distribution(target: torch.Tensor, num_classes: int, smoothing: float
     return q.scatter_add(1, target.long().unsqueeze(1), torch.full_like(q[:, :1], 1.0 - smoothing))
 
 
-class _PowerGradCrossEntropy(torch.autograd.Function):
-    """Forward: cross-entropy per sample, reduced. Backward: (softmax(alpha z) - q) times the incoming gradient.
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == 'mean':
+        return per_sample.mean()
+    if reduction == 'sum':
+        return per_sample.sum()
+    return per_sample
 
-    Written in the ``setup_context`` form with ``generate_vmap_rule`` so that torch.func transforms (per-example
-    gradients with vmap, as the diagnostics use) and torch.compile trace through it.
-    """
+
+def _scaled_logits(z: torch.Tensor, logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha z in float32, for the backward's softmax(alpha z). In place on ``z`` when it is already a float32 copy
+    of half-precision logits (one pass), out of place when ``z`` is the caller's float32 tensor itself."""
+    return z.mul_(alpha) if z is not logits else z * alpha
+
+
+def _chain(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Multiply dL_n/dz_n (in place) by the incoming gradient of the reduced loss: 1/N of it for 'mean'."""
+    grad_output = grad_output.float()
+    if reduction == 'mean':
+        return grad.mul_(grad_output / grad.shape[-2])
+    if reduction == 'sum':
+        return grad.mul_(grad_output)
+    return grad.mul_(grad_output.unsqueeze(-1))
+
+
+# Both autograd functions are written in the ``setup_context`` form with ``generate_vmap_rule`` so that torch.func
+# transforms (per-example gradients with vmap, as the diagnostics use) and torch.compile trace through them.
+
+class _PowerGradCrossEntropy(torch.autograd.Function):
+    """Soft targets q [N, C] (mixup/cutmix). Forward: L_n = -sum_i q_i log p_i. Backward: softmax(alpha z) - q
+    (Eq. 5-6), times the incoming gradient, in float32. (One output: the logits are saved as they are and cast again
+    in the backward; mixup is not the hot path this suite's recipes take.)"""
     generate_vmap_rule = True
 
     @staticmethod
     def forward(logits, q, alpha, reduction):
         per_sample = -(q * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-        if reduction == 'mean':
-            return per_sample.mean()
-        if reduction == 'sum':
-            return per_sample.sum()
-        return per_sample
+        return _reduce(per_sample, reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -112,16 +133,47 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         logits, q = ctx.saved_tensors
-        # Eq. 5 via p' = softmax(alpha z), Eq. 6: p' - q; float32 whatever the forward precision.
-        grad = torch.softmax(ctx.alpha * logits.float(), dim=-1) - q
-        grad_output = grad_output.float()
-        if ctx.reduction == 'mean':
-            grad = grad * (grad_output / logits.shape[-2])
-        elif ctx.reduction == 'sum':
-            grad = grad * grad_output
-        else:
-            grad = grad * grad_output.unsqueeze(-1)
-        return grad.to(logits.dtype), None, None, None
+        grad = torch.softmax(_scaled_logits(logits.float(), logits, ctx.alpha), dim=-1).sub_(q)
+        return _chain(grad, grad_output, ctx.reduction).to(logits.dtype), None, None, None
+
+
+class _PowerGradCrossEntropyIndices(torch.autograd.Function):
+    """Class-index targets y [N] with label smoothing s; q = (1 - s) one_hot(y) + s / C is never materialised.
+
+    Forward:  L_n = -(1 - s) log p_{n, y_n} - (s / C) sum_j log p_{n, j}          (= -sum_i q_i log p_i)
+    Backward: dL_n/dz_n = softmax(alpha z_n) - q_n (Eq. 5-6), built in place on the softmax: s / C subtracted
+    everywhere (with smoothing), 1 - s at y_n (a scatter), then the chain-rule factor and one cast to the logits'
+    dtype. Every pass over [N, C] runs in float32 whatever the autocast dtype.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, alpha, smoothing, reduction):
+        z = logits.float()
+        log_p = torch.log_softmax(z, dim=-1)
+        per_sample = -(1.0 - smoothing) * log_p.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+        if smoothing:
+            per_sample = per_sample - smoothing * log_p.mean(-1)
+        return _reduce(per_sample, reduction), _scaled_logits(z, logits, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, alpha, smoothing, reduction = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1], target)
+        ctx.dtype, ctx.smoothing, ctx.reduction = logits.dtype, smoothing, reduction
+
+    @staticmethod
+    def backward(ctx, grad_output, _):
+        scaled, target = ctx.saved_tensors
+        grad = torch.softmax(scaled, dim=-1)
+        if ctx.smoothing:
+            grad.sub_(ctx.smoothing / grad.shape[-1])
+        index = target.long().unsqueeze(-1)
+        grad.scatter_add_(-1, index, torch.full(index.shape, ctx.smoothing - 1.0, dtype=grad.dtype,
+                                                device=grad.device))
+        return _chain(grad, grad_output, ctx.reduction).to(ctx.dtype), None, None, None, None
 
 
 def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float, smoothing: float = 0.0,
@@ -146,8 +198,9 @@ def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: 
         soft = target.dim() == 2
         return F.cross_entropy(logits.float(), target.float() if soft else target.long(), reduction=reduction,
                                label_smoothing=0.0 if soft else smoothing)
-    q = target_distribution(target, logits.shape[1], smoothing)
-    return _PowerGradCrossEntropy.apply(logits, q, alpha, reduction)
+    if target.dim() == 2:
+        return _PowerGradCrossEntropy.apply(logits, target.float(), alpha, reduction)
+    return _PowerGradCrossEntropyIndices.apply(logits, target, alpha, smoothing, reduction)[0]
 
 
 class PowerGradCrossEntropy(torch.nn.Module):

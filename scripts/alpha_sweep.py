@@ -15,14 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pgt.errors import UsageError, run_cli  # noqa: E402
-from pgt.plots import plot_alpha_sweep  # noqa: E402
+from pgt.errors import CliParser, UsageError, run_cli
+from pgt.plots import alpha_sweep_figure, save_figure
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoints', nargs='*', default=[])
     p.add_argument('--json', nargs='*', default=[], help='validate.py --json outputs instead of checkpoints')
     p.add_argument('--data-dir', help='needed with --checkpoints')
@@ -32,8 +30,8 @@ def parse_args(argv):
 
 
 def validate(checkpoint: str, data_dir: str) -> dict:
-    result = subprocess.run([sys.executable, str(ROOT / 'validate.py'), '--checkpoint', checkpoint, '--data-dir',
-                             data_dir, '--json'], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, '-m', 'pgt.validate', '--checkpoint', checkpoint, '--data-dir', data_dir,
+                             '--json'], capture_output=True, text=True)
     if result.returncode != 0:
         raise UsageError(f'validate.py failed on {checkpoint}: {result.stderr.strip().splitlines()[-1]}')
     return json.loads(result.stdout)
@@ -51,8 +49,10 @@ def main(argv) -> int:
         (out / f'validate-{i}.json').write_text(json.dumps(results[-1]))
     if len(results) < 2:
         raise UsageError('an alpha sweep needs at least two checkpoints or JSON files')
-    for path in plot_alpha_sweep(results, out):
+    fig, (slope, intercept, r2) = alpha_sweep_figure(results)
+    for path in save_figure(fig, out / 'fig6-alpha-sweep'):
         print(path)
+    print(f'loss = {slope:.4g} x logit norm + {intercept:.4g} (R^2 = {r2:.3f})')
     return 0
 
 

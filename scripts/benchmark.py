@@ -1,25 +1,37 @@
 #!/usr/bin/env python3
-"""Throughput benchmarks: the training step, the input pipelines, and train.py end to end.
+"""Throughput benchmarks: the training step, the loss, the input pipelines, and train.py end to end.
 
-    python scripts/benchmark.py step --model resnet50 --batch-size 256 --amp-dtype bfloat16 --channels-last
-    python scripts/benchmark.py loader --data-dir /imagenet --backends torch dali-cpu dali-gpu
-    python scripts/benchmark.py e2e --data-dir /imagenet --model resnet50 --batch-size 256
+    python scripts/benchmark.py step --models resnet50 --batch-size 256 --amp-dtypes bfloat16 --channels-last
+    python scripts/benchmark.py step --timm-like --models resnet50 --img-size 224     # like timm's benchmark.py
+    python scripts/benchmark.py loss --loss-shapes 256x1000 1024x1000 --amp-dtypes float32 bfloat16
+    python scripts/benchmark.py loader --data-dir /imagenet --backends torch reference dali-cpu dali-gpu
+    python scripts/benchmark.py e2e --generate 160 --against-timm /path/to/timm/train.py
     python scripts/benchmark.py all --tiny --json out.json        # every mode in seconds on a CPU
 
 `step` times pgt.engine.train_step, the function train.py runs, on synthetic device data: cross-entropy and PGT in
 alternating blocks (so that drift of the machine hits both alike), eager and compiled, for each precision; it reports
-the median images/s over timed steps (device synchronised after each step) and the PGT overhead in percent.
-`loader` reports images/s of each data backend on a JPEG tree (``--generate N`` writes one of ImageNet-like sizes).
-`e2e` runs train.py on a JPEG tree and compares its logged images/s with the `step` figure for the same settings.
-`diagnostics` times one diagnostics probe (pgt.diagnostics) against the median training step and reports the share
-of an epoch it costs at ``--interval``: probe / (interval x step), a decomposition that whole-run timings on a noisy
-machine cannot resolve.
+the median and the mean images/s over timed steps (device synchronised after each step) and the PGT overhead.
+``--timm-like`` times what timm's benchmark.py times: SGD without weight decay, no total-norm pass, no loss scaler.
+`loss` times the PGT loss (forward and backward) against F.cross_entropy on random logits, alternating rounds.
+`loader` reports images/s of each input pipeline on a JPEG tree (``--generate N`` writes one of ImageNet-like
+sizes): this suite's torch backend (uint8 workers, normalised on the device), the same without per-sample seeding
+(``torch-unseeded``: the cost of exact resume), a plain torchvision ImageFolder with timm's float transform
+(``reference``), and DALI on the CPU and the GPU.
+`e2e` runs train.py for one epoch on a JPEG tree and on synthetic data and compares its logged images/s with the
+`step` figure for the same settings; with ``--against-timm PATH`` it instead times train.py and timm's train.py (the
+script at PATH) as whole processes on the same tree and settings, alternating, and prints the ratio of wall times.
+`diagnostics` times one diagnostics probe against the median training step and reports the share of an epoch it
+costs at ``--interval``.
+Temporary trees and run folders are removed, whatever happens.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,25 +39,25 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+
+from pgt import PowerGradCrossEntropy, power_grad_cross_entropy
+from pgt.data import ShardedSampler, SeededSamples, _loader_options, build_dataset, build_loaders, device_loader
+from pgt.engine import AMP_DTYPES, TrainingParts, make_scaler, train_step
+from pgt.errors import CliParser, UsageError, run_cli
+from pgt.models import create_model
+from pgt.optim import build_optimizer
+from pgt.runlog import read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pgt import PowerGradCrossEntropy  # noqa: E402
-from pgt.data import build_loaders  # noqa: E402
-from pgt.engine import AMP_DTYPES, TrainingParts, make_scaler, train_step  # noqa: E402
-from pgt.errors import UsageError, run_cli  # noqa: E402
-from pgt.models import create_model  # noqa: E402
-from pgt.optim import build_optimizer  # noqa: E402
-from pgt.runlog import read_summary  # noqa: E402
-
 DTYPES = {'float32': None, **AMP_DTYPES}
 TINY = dict(models=['resnet18'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
-            generate=48)
+            generate=48, loss_shapes=['16x10'], rounds=3)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('mode', choices=('step', 'loader', 'e2e', 'diagnostics', 'all'))
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('mode', choices=('step', 'loss', 'loader', 'e2e', 'diagnostics', 'all'))
     p.add_argument('--interval', type=int, default=200, help='diagnostics interval for the diagnostics mode')
     p.add_argument('--tiny', action='store_true', help='CPU-sized settings that run every mode in seconds')
     p.add_argument('--models', nargs='+', default=['resnet50', 'resnet18'])
@@ -55,31 +67,38 @@ def parse_args(argv):
                    help='default: bfloat16 on GPUs that support it, else float32')
     p.add_argument('--compile', nargs='+', default=['eager'], choices=('eager', 'compiled'))
     p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument('--timm-like', action='store_true',
+                   help="step: no weight decay, no total-norm pass, no loss scaler (timm's benchmark.py step)")
     p.add_argument('--alpha', type=float, default=0.3)
     p.add_argument('--steps', type=int, default=20, help='timed steps per block')
     p.add_argument('--warmup', type=int, default=10)
     p.add_argument('--blocks', type=int, default=3, help='alternating cross-entropy / PGT blocks')
+    p.add_argument('--loss-shapes', nargs='+', default=['256x1000', '1024x1000'], metavar='NxC')
+    p.add_argument('--rounds', type=int, default=25, help='loss: alternating rounds of 10 calls each')
     p.add_argument('--data-dir', help='JPEG tree (ImageNet layout) for loader and e2e')
     p.add_argument('--generate', type=int, default=0, metavar='N', help='write N ImageNet-sized JPEGs to use instead')
-    p.add_argument('--backends', nargs='+', default=['torch', 'dali-cpu', 'dali-gpu'])
+    p.add_argument('--backends', nargs='+', default=['torch', 'torch-unseeded', 'reference', 'dali-cpu', 'dali-gpu'])
     p.add_argument('--workers', type=int, default=8)
     p.add_argument('--loader-batches', type=int, default=50)
+    p.add_argument('--against-timm', metavar='TRAIN_PY', help="e2e: time timm's train.py (this path) against train.py")
+    p.add_argument('--timm-args', default='', help="e2e --against-timm: extra arguments for timm's train.py")
+    p.add_argument('--e2e-epochs', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=3, help='e2e --against-timm: alternating runs of each')
     p.add_argument('--json', metavar='FILE', help='also write the results as JSON')
     p.add_argument('--debug', action='store_true')
     args = p.parse_args(argv)
     if args.tiny:
-        args.models, args.batch_size, args.img_size = TINY['models'], TINY['batch_size'], TINY['img_size']
-        args.steps, args.warmup, args.blocks = TINY['steps'], TINY['warmup'], TINY['blocks']
-        args.loader_batches, args.workers = TINY['loader_batches'], 2
+        for key, value in TINY.items():
+            setattr(args, key, value)
+        args.workers = 2
         args.generate = args.generate or (TINY['generate'] if not args.data_dir else 0)
     return args
 
 
 def device_and_dtypes(args):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    dtypes = args.amp_dtypes or (['bfloat16'] if device.type == 'cuda' and torch.cuda.is_bf16_supported()
-                                 else ['float32'])
-    return device, dtypes
+    bf16 = device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device, args.amp_dtypes or (['bfloat16'] if bf16 else ['float32'])
 
 
 def synchronize(device):
@@ -91,12 +110,13 @@ def build_parts(model_name, args, device, amp_dtype, compiled, alpha):
     model = create_model(model_name, num_classes=1000).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    opts = SimpleNamespace(opt='sgd', lr=0.1, weight_decay=5e-4, momentum=0.9)
+    opts = SimpleNamespace(opt='sgd', lr=0.1, weight_decay=0.0 if args.timm_like else 5e-4, momentum=0.9)
     optimizer = build_optimizer(model, opts, device)
     trained = torch.compile(model) if compiled else model
     loss_fn = PowerGradCrossEntropy(alpha, check_targets=device.type != 'cuda')
-    return TrainingParts(trained, loss_fn, optimizer, make_scaler(device, amp_dtype), amp_dtype,
-                         channels_last=args.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=False) if args.timm_like else make_scaler(device, amp_dtype)
+    return TrainingParts(trained, loss_fn, optimizer, scaler, amp_dtype, channels_last=args.channels_last,
+                         track_grad_norm=not args.timm_like)
 
 
 def synthetic_batch(args, device):
@@ -133,13 +153,44 @@ def bench_step(args) -> list[dict]:
                     for loss, alpha in (('ce', 1.0), ('pgt', args.alpha)):
                         parts.loss_fn.alpha = alpha
                         times[loss] += time_steps(parts, batch, device, args.steps)
-                rate = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
+                median = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
+                mean = {k: args.batch_size / statistics.mean(v) for k, v in times.items()}
                 results.append({'mode': 'step', 'model': model_name, 'amp_dtype': dtype_name, 'compile': mode,
-                                'batch_size': args.batch_size, 'img_size': args.img_size,
+                                'timm_like': args.timm_like, 'batch_size': args.batch_size, 'img_size': args.img_size,
                                 'channels_last': args.channels_last, 'device': device_name(device),
-                                'ce_img_per_sec': rate['ce'], 'pgt_img_per_sec': rate['pgt'],
-                                'pgt_overhead_pct': 100 * (rate['ce'] / rate['pgt'] - 1),
+                                'ce_img_per_sec': median['ce'], 'pgt_img_per_sec': median['pgt'],
+                                'ce_img_per_sec_mean': mean['ce'], 'pgt_img_per_sec_mean': mean['pgt'],
+                                'pgt_overhead_pct': 100 * (median['ce'] / median['pgt'] - 1),
                                 'timed_steps': len(times['ce'])})
+    return results
+
+
+def bench_loss(args) -> list[dict]:
+    """PGT's forward and backward against F.cross_entropy's on the same logits, in alternating rounds."""
+    device, _ = device_and_dtypes(args)
+    results = []
+    for shape in args.loss_shapes:
+        n, c = map(int, shape.split('x'))
+        for dtype_name in args.amp_dtypes or ['float32', 'bfloat16']:
+            dtype = DTYPES[dtype_name] or torch.float32
+            gen = torch.Generator().manual_seed(0)
+            logits = (3 * torch.randn(n, c, generator=gen)).to(device=device, dtype=dtype)
+            target = torch.randint(0, c, (n,), generator=gen).to(device)
+            losses = {'ce': lambda z: F.cross_entropy(z, target),
+                      'pgt': lambda z: power_grad_cross_entropy(z, target, args.alpha, check_targets=False)}
+            times = {'ce': [], 'pgt': []}
+            for round_ in range(args.rounds + 1):  # round 0 warms up
+                for name, loss in losses.items():
+                    start = time.perf_counter()
+                    for _ in range(10):
+                        leaf = logits.detach().requires_grad_(True)
+                        loss(leaf).backward()
+                    synchronize(device)
+                    if round_:
+                        times[name].append((time.perf_counter() - start) / 10)
+            ce, pgt = statistics.median(times['ce']), statistics.median(times['pgt'])
+            results.append({'mode': 'loss', 'shape': shape, 'dtype': dtype_name, 'device': device_name(device),
+                            'ce_ms': 1e3 * ce, 'pgt_ms': 1e3 * pgt, 'pgt_over_ce': pgt / ce, 'rounds': args.rounds})
     return results
 
 
@@ -192,11 +243,38 @@ def generate_tree(root: Path, count: int) -> Path:
 def loader_args(args, data_dir, backend):
     dali_device = {'dali-cpu': 'cpu', 'dali-gpu': 'gpu'}.get(backend)
     return SimpleNamespace(data_dir=str(data_dir), data_backend='dali' if dali_device else 'torch',
-                           dali_device=dali_device, batch_size=args.batch_size, workers=args.workers, seed=0,
-                           img_size=args.img_size, crop_pct=0.875, interpolation='bilinear',
-                           train_interpolation='bilinear', scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5,
-                           color_jitter=0.0, strict_data=False, num_classes=None, channels_last=args.channels_last,
-                           amp=False, amp_dtype='float16')
+                           dataset='imagefolder', dali_device=dali_device, batch_size=args.batch_size,
+                           workers=args.workers, seed=0, img_size=args.img_size, val_img_size=args.img_size,
+                           crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
+                           scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, strict_data=False,
+                           num_classes=None, channels_last=args.channels_last, amp=False, amp_dtype='float16',
+                           mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+def training_loader(args, data_dir, backend, device):
+    """The training loader of a backend, yielding normalised float batches on the device."""
+    options = loader_args(args, data_dir, backend)
+    if backend == 'reference':  # what a plain torchvision + timm script does: float tensors from the workers
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+        transform = create_transform(args.img_size, is_training=True, interpolation='bilinear', hflip=0.5,
+                                     color_jitter=None)
+        return torch.utils.data.DataLoader(ImageFolder(str(Path(data_dir) / 'train'), transform), shuffle=True,
+                                           batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
+                                           pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
+    if backend == 'torch-unseeded':  # the torch backend without per-sample seeds: what exact resume costs
+        dataset = build_dataset(options, 'train')
+        sampler = ShardedSampler(len(dataset), shuffle=True, batch_size=args.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                             **_loader_options(options, device))
+        return device_loader(loader, options, device)
+    if backend == 'torch':
+        dataset = build_dataset(options, 'train')
+        sampler = ShardedSampler(len(dataset), shuffle=True, batch_size=args.batch_size, seed_samples=True)
+        loader = torch.utils.data.DataLoader(SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler,
+                                             drop_last=True, **_loader_options(options, device))
+        return device_loader(loader, options, device)
+    return build_loaders(options, 0, 1, device).train
 
 
 def bench_loader(args, data_dir) -> list[dict]:
@@ -205,13 +283,14 @@ def bench_loader(args, data_dir) -> list[dict]:
     for backend in args.backends:
         row = {'mode': 'loader', 'backend': backend, 'batch_size': args.batch_size, 'workers': args.workers}
         try:
-            loader = build_loaders(loader_args(args, data_dir, backend), 0, 1, device).train
+            loader = training_loader(args, data_dir, backend, device)
         except UsageError as error:
             results.append({**row, 'error': str(error)})
             continue
         count, start, total = 0, None, 0
         for epoch in range(1000):
-            loader.sampler.set_epoch(epoch)
+            if hasattr(loader.sampler, 'set_epoch'):
+                loader.sampler.set_epoch(epoch)
             for images, _ in loader:
                 images = images.to(device, non_blocking=True)
                 count += 1
@@ -227,32 +306,80 @@ def bench_loader(args, data_dir) -> list[dict]:
         synchronize(device)
         results.append({**row, 'img_per_sec': total / (time.perf_counter() - start) if start else 0.0})
         del loader  # stops its persistent workers before the next backend (or the temporary tree) goes
+    reference = next((r['img_per_sec'] for r in results if r['backend'] == 'reference' and 'error' not in r), None)
+    for row in results:
+        if reference and 'img_per_sec' in row:
+            row['vs_reference'] = row['img_per_sec'] / reference
     return results
+
+
+def e2e_argv(args, model_name, data_dir, output, backend, dtype_name, epochs: int, alpha: float | None) -> list[str]:
+    argv = ['--data-dir', str(data_dir), '--data-backend', backend, '--output', str(output), '--model', model_name,
+            '--batch-size', str(args.batch_size), '--img-size', str(args.img_size), '--epochs', str(epochs),
+            '--warmup-epochs', '0', '--workers', str(args.workers), '--color-jitter', '0',
+            '--train-interpolation', 'bilinear', '--log-interval', '1000000',
+            '--synthetic-steps', str(args.warmup + args.steps * args.blocks),
+            '--channels-last' if args.channels_last else '--no-channels-last']
+    if alpha is not None:
+        argv += ['--pgt-alpha', str(alpha)]
+    if DTYPES[dtype_name] is not None:
+        argv += ['--amp', '--amp-dtype', dtype_name]
+    return argv
 
 
 def bench_e2e(args, data_dir, step_results) -> list[dict]:
     """train.py itself for one epoch, on the JPEG tree and on synthetic device data, against the step figure: the
     synthetic run checks that train.py's logged images/s is honest, the JPEG run how much the input costs."""
-    import train  # train.py's own main, in this process
+    from pgt import train  # train.py's own main, in this process
     _, dtypes = device_and_dtypes(args)
     results = []
     for model_name in args.models:
         step = next((r['pgt_img_per_sec'] for r in step_results if r['model'] == model_name), None)
         for backend in ('torch', 'synthetic'):
-            out = Path(tempfile.mkdtemp(prefix='pgt-e2e-')) / 'run'
-            argv = ['--data-dir', str(data_dir), '--data-backend', backend, '--output', str(out), '--model',
-                    model_name, '--batch-size', str(args.batch_size), '--img-size', str(args.img_size),
-                    '--epochs', '1', '--warmup-epochs', '0', '--workers', str(args.workers),
-                    '--pgt-alpha', str(args.alpha), '--color-jitter', '0', '--train-interpolation', 'bilinear',
-                    '--log-interval', '1000000', '--synthetic-steps', str(args.warmup + args.steps * args.blocks),
-                    '--channels-last' if args.channels_last else '--no-channels-last']
-            if DTYPES[dtypes[0]] is not None:
-                argv += ['--amp', '--amp-dtype', dtypes[0]]
-            train.main(argv)
-            rate = float(read_summary(out)[0]['train_img_per_sec'])
+            with tempfile.TemporaryDirectory(prefix='pgt-e2e-') as tmp:
+                out = Path(tmp) / 'run'
+                train.main(e2e_argv(args, model_name, data_dir, out, backend, dtypes[0], 1, args.alpha))
+                rate = float(read_summary(out)[0]['train_img_per_sec'])
             results.append({'mode': 'e2e', 'backend': backend, 'model': model_name, 'amp_dtype': dtypes[0],
                             'batch_size': args.batch_size, 'img_per_sec': rate, 'step_img_per_sec': step,
                             'fraction_of_step': rate / step if step else None})
+    return results
+
+
+def timm_argv(args, model_name, data_dir, output) -> list[str]:
+    """timm's train.py with the settings of e2e_argv: the same model, batch, size, epochs, workers, schedule and
+    augmentation (no colour jitter, bilinear crops), cross-entropy with timm's default smoothing as ours."""
+    argv = ['--data-dir', str(data_dir), '--train-split', 'train', '--val-split', 'val', '--model', model_name,
+            '--batch-size', str(args.batch_size), '--img-size', str(args.img_size), '--epochs', str(args.e2e_epochs),
+            '--warmup-epochs', '0', '--workers', str(args.workers), '--color-jitter', '0',
+            '--train-interpolation', 'bilinear', '--log-interval', '1000000', '--output', str(output),
+            '--experiment', 'run', *shlex.split(args.timm_args)]
+    return argv + (['--channels-last'] if args.channels_last else [])
+
+
+def bench_against_timm(args, data_dir) -> list[dict]:
+    """Wall time of whole processes, alternating train.py and timm's train.py (PGT off: the same loss)."""
+    _, dtypes = device_and_dtypes(args)
+    results = []
+    for model_name in args.models:
+        times = {'pgt': [], 'timm': []}
+        for _ in range(args.repeats):
+            for name in ('pgt', 'timm'):
+                with tempfile.TemporaryDirectory(prefix='pgt-vs-timm-') as tmp:
+                    if name == 'pgt':
+                        command = [sys.executable, str(ROOT / 'train.py'), '--smoothing', '0.1', *e2e_argv(
+                            args, model_name, data_dir, Path(tmp) / 'run', 'torch', dtypes[0], args.e2e_epochs, None)]
+                    else:
+                        command = [sys.executable, args.against_timm, *timm_argv(args, model_name, data_dir, tmp)]
+                    start = time.perf_counter()
+                    subprocess.run(command, check=True, capture_output=True, cwd=tmp,
+                                   env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                    times[name].append(time.perf_counter() - start)
+        ours, theirs = statistics.median(times['pgt']), statistics.median(times['timm'])
+        results.append({'mode': 'e2e-vs-timm', 'model': model_name, 'batch_size': args.batch_size,
+                        'img_size': args.img_size, 'epochs': args.e2e_epochs, 'workers': args.workers,
+                        'train_py_seconds': ours, 'timm_seconds': theirs, 'ratio': ours / theirs,
+                        'runs': times})
     return results
 
 
@@ -264,12 +391,14 @@ def print_table(results):
 def main(argv) -> int:
     args = parse_args(argv)
     results = []
-    if args.mode in ('step', 'all', 'e2e'):
+    if args.mode in ('step', 'all') or (args.mode == 'e2e' and not args.against_timm):
         results += bench_step(args)
+    if args.mode in ('loss', 'all'):
+        results += bench_loss(args)
     if args.mode in ('diagnostics', 'all'):
         results += bench_diagnostics(args)
     if args.mode in ('loader', 'e2e', 'all'):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix='pgt-bench-') as tmp:
             data_dir = Path(args.data_dir) if args.data_dir else None
             if args.generate:
                 data_dir = generate_tree(Path(tmp) / 'jpegs', args.generate)
@@ -277,10 +406,12 @@ def main(argv) -> int:
                 raise UsageError('loader and e2e need --data-dir or --generate N')
             if args.mode in ('loader', 'all'):
                 results += bench_loader(args, data_dir)
-            if args.mode in ('e2e', 'all'):
+            if args.mode == 'e2e' and args.against_timm:
+                results += bench_against_timm(args, data_dir)
+            elif args.mode in ('e2e', 'all'):
                 results += bench_e2e(args, data_dir, [r for r in results if r['mode'] == 'step'])
     if args.mode == 'e2e':
-        results = [r for r in results if r['mode'] == 'e2e']
+        results = [r for r in results if r['mode'].startswith('e2e')]
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps({'date': time.strftime('%Y-%m-%d'), 'argv': argv,

@@ -6,28 +6,29 @@
         --train-per-class 100 --val-per-class 50
     # generated JPEGs whose classes a small network learns in a minute on a CPU
     python scripts/make_tiny_imagenet.py --synthetic --out tiny
+    # the same generated classes at 32 px in CIFAR-10's format (cifar-10-batches-py/), for --dataset cifar10
+    python scripts/make_tiny_imagenet.py --synthetic --cifar10 --out tiny-cifar
 """
 from __future__ import annotations
 
 import argparse
 import colorsys
 import os
+import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pgt.errors import UsageError, run_cli  # noqa: E402
+from pgt.errors import CliParser, UsageError, run_cli
 
 IMAGE_SUFFIXES = {'.jpeg', '.jpg', '.png'}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--from', dest='source', metavar='IMAGENET_DIR', help='carve a subset of this tree')
     source.add_argument('--synthetic', action='store_true', help='generate images instead')
@@ -36,6 +37,8 @@ def parse_args(argv):
     p.add_argument('--train-per-class', type=int, default=64)
     p.add_argument('--val-per-class', type=int, default=16)
     p.add_argument('--image-size', type=int, default=64, help='synthetic image side in pixels')
+    p.add_argument('--cifar10', action='store_true',
+                   help="write the synthetic images (32 px) in CIFAR-10's python format instead of folders")
     p.add_argument('--copy', action='store_true', help='copy files instead of symlinking them')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--debug', action='store_true')
@@ -72,6 +75,31 @@ def make_synthetic(out: Path, classes: int, per_split: dict, size: int, seed: in
     return count
 
 
+def make_synthetic_cifar10(out: Path, classes: int, per_split: dict, seed: int) -> int:
+    """CIFAR-10's python format, as torchvision reads it: pickled dicts with 'data' (uint8 [N, 3072], channel-planar
+    32 x 32 images) and 'labels', in five training batches and a test batch, with batches.meta naming the classes."""
+    rng = np.random.default_rng(seed)
+    folder = out / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+
+    def batch(per_class):
+        labels = [label for label in range(classes) for _ in range(per_class)]
+        images = [np.asarray(synthetic_image(label, classes, 32, rng)).transpose(2, 0, 1).reshape(-1)
+                  for label in labels]
+        return np.stack(images).astype(np.uint8), labels
+
+    data, labels = batch(per_split['train'])
+    for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
+        with open(folder / f'data_batch_{i + 1}', 'wb') as f:
+            pickle.dump({'data': data[part], 'labels': [labels[j] for j in part]}, f)
+    test_data, test_labels = batch(per_split['val'])
+    with open(folder / 'test_batch', 'wb') as f:
+        pickle.dump({'data': test_data, 'labels': test_labels}, f)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': [wnid(label) for label in range(classes)]}, f)
+    return len(labels) + len(test_labels)
+
+
 def carve_subset(source: Path, out: Path, classes: int, per_split: dict, copy: bool, seed: int) -> int:
     train = source / 'train'
     if not train.is_dir() or not (source / 'val').is_dir():
@@ -104,7 +132,11 @@ def main(argv) -> int:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f'{out} exists and is not empty; choose another --out')
     per_split = {'train': args.train_per_class, 'val': args.val_per_class}
-    if args.synthetic:
+    if args.cifar10 and not args.synthetic:
+        raise UsageError('--cifar10 writes generated images: give --synthetic with it')
+    if args.cifar10:
+        count = make_synthetic_cifar10(out, args.classes, per_split, args.seed)
+    elif args.synthetic:
         count = make_synthetic(out, args.classes, per_split, args.image_size, args.seed)
     else:
         count = carve_subset(Path(args.source), out, args.classes, per_split, args.copy, args.seed)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run one training command under SLURM so that it survives preemption and time limits:
-#   scripts/slurm_step.sh torchrun ... train.py ... --resume auto
+#   scripts/slurm_step.sh python -m torch.distributed.run ... train.py ... --resume auto
+# The command runs as a job step (srun) with the batch job's --cpus-per-task: Slurm 22.05-23.02 do not pass it down
+# to srun, which would leave every rank and loader worker of the node on one core.
 # SLURM signals the batch shell (#SBATCH --signal=B:USR1@300, or SIGTERM on preemption). This script forwards
 # SIGTERM to the job step; torchrun passes it to every rank; train.py finishes its step, writes recovery.pth and
 # exits 75. The job then requeues itself, and the next start resumes with --resume auto.
@@ -12,7 +14,7 @@ forward() {
     kill -TERM "$child" 2>/dev/null
 }
 trap forward USR1 TERM
-srun --kill-on-bad-exit=1 "$@" &
+srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "$@" &
 child=$!
 status=0
 while kill -0 "$child" 2>/dev/null; do  # wait returns early when a trapped signal arrives: wait again

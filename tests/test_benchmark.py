@@ -1,12 +1,17 @@
-"""scripts/benchmark.py in its --tiny setting: every mode runs and reports its fields."""
+"""scripts/benchmark.py in its --tiny setting: every mode runs, reports its fields, and leaves no folder behind."""
 import json
+import tempfile
+from pathlib import Path
 
 from conftest import run_script
 
 
-def test_every_mode_reports_its_fields(tmp_path):
+def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_directory(tmp_path):
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
     out = tmp_path / 'bench.json'
-    run_script('scripts/benchmark.py', 'all', '--tiny', '--json', out, check=True)
+    run_script('scripts/benchmark.py', 'all', '--tiny', '--json', out, env={'TMPDIR': str(scratch)}, check=True)
+    assert not list(scratch.iterdir())  # the generated JPEG tree and every run folder were removed
     report = json.loads(out.read_text())
     assert {'date', 'argv', 'torch', 'results'} <= set(report)
     by_mode = {}
@@ -14,9 +19,17 @@ def test_every_mode_reports_its_fields(tmp_path):
         by_mode.setdefault(row['mode'], []).append(row)
     [step] = by_mode['step']
     assert step['ce_img_per_sec'] > 0 and step['pgt_img_per_sec'] > 0 and step['timed_steps'] == 8
+    assert step['ce_img_per_sec_mean'] > 0 and step['timm_like'] is False
     assert abs(step['pgt_overhead_pct'] - 100 * (step['ce_img_per_sec'] / step['pgt_img_per_sec'] - 1)) < 1e-9
+    losses = {row['dtype']: row for row in by_mode['loss']}
+    for row in losses.values():
+        assert row['shape'] == '16x10' and row['pgt_over_ce'] == row['pgt_ms'] / row['ce_ms'] and row['ce_ms'] > 0
+    assert set(losses) == {'float32', 'bfloat16'}
     loaders = {row['backend']: row for row in by_mode['loader']}
-    assert loaders['torch']['img_per_sec'] > 0 and loaders['dali-cpu']['img_per_sec'] > 0
+    for backend in ('torch', 'torch-unseeded', 'reference', 'dali-cpu'):
+        assert loaders[backend]['img_per_sec'] > 0, backend
+        assert loaders[backend]['vs_reference'] == loaders[backend]['img_per_sec'] / loaders['reference'][
+            'img_per_sec']
     assert 'error' in loaders['dali-gpu'] or loaders['dali-gpu']['img_per_sec'] > 0
     [diag] = by_mode['diagnostics']
     assert diag['probe_seconds'] > 0 and diag['overhead_pct'] == 100 * diag['probe_seconds'] / (
@@ -27,6 +40,8 @@ def test_every_mode_reports_its_fields(tmp_path):
         assert row['img_per_sec'] > 0 and row['fraction_of_step'] == row['img_per_sec'] / step['pgt_img_per_sec']
 
 
-def test_step_mode_alone(tmp_path):
-    result = run_script('scripts/benchmark.py', 'step', '--tiny', '--compile', 'eager', check=True)
-    assert 'mode=step' in result.stdout and 'pgt_overhead_pct=' in result.stdout
+def test_timm_like_step(tmp_path):
+    out = tmp_path / 'bench.json'
+    run_script('scripts/benchmark.py', 'step', '--tiny', '--timm-like', '--json', out, check=True)
+    [row] = json.loads(out.read_text())['results']
+    assert row['timm_like'] is True and row['ce_img_per_sec'] > 0 and row['ce_img_per_sec_mean'] > 0

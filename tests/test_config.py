@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from pgt.config import build_parser, finalize_args, parse_config, resolved_config
+from conftest import ROOT
+from pgt.config import build_parser, finalize_args, ignored_options_warning, parse_config, resolved_config
 from pgt.errors import UsageError
 
 
@@ -12,11 +13,10 @@ def write(path, data):
 
 
 def test_precedence_defaults_then_yaml_then_command_line(tmp_path):
-    default_lr = build_parser().get_default('lr')
     recipe = write(tmp_path / 'r.yaml', {'lr': 0.4, 'batch-size': 64, 'pgt_alpha': 0.3})
     args = parse_config(['--config', str(recipe), '--batch-size', '32'])
     assert (args.lr, args.batch_size, args.pgt_alpha) == (0.4, 32, 0.3)  # YAML over default, CLI over YAML
-    assert parse_config([]).lr == default_lr == 0.1
+    assert build_parser().get_default('lr') is None and parse_config([]).lr is None
     assert parse_config(['--config', str(recipe), '--modify-softmax', '0.9']).pgt_alpha == 0.9  # published alias
 
 
@@ -85,3 +85,92 @@ def test_resolved_config_round_trips(tmp_path):
 def test_alpha_outside_unit_interval_is_rejected_before_the_run(value):
     with pytest.raises(UsageError, match=r'--pgt-alpha: must be (in \[0, 1\]|a finite number)'):
         finalize_args(parse_config(['--pgt-alpha', value]), world_size=1)
+
+
+# ---- timm's command-line conventions and its args.yaml
+
+def test_timm_short_options():
+    args = parse_config(['-c', str(ROOT / 'configs' / 'smoke.yaml'), '-b', '16', '-j', '3'])
+    assert (args.config, args.batch_size, args.workers) == (str(ROOT / 'configs' / 'smoke.yaml'), 16, 3)
+    assert args.pgt_alpha == 0.3  # the recipe named with -c was read
+
+
+@pytest.mark.parametrize('abbreviation', [['--smooth', '0.1'], ['--warmup-epoch', '3'], ['--lr-base-s', '512']])
+def test_abbreviated_options_are_errors_not_other_options(abbreviation):
+    with pytest.raises(UsageError, match=f'unrecognized arguments: {abbreviation[0]}'):
+        parse_config(abbreviation)
+
+
+def test_floats_in_recipes_are_read_as_yaml_1_2_reads_them(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('lr: 1e-3\nwarmup-lr: 5E-5\nweight-decay: 2.0e-5\nmin-lr: .5e-6\nepochs: 10\n')
+    args = parse_config(['--config', str(recipe)])
+    assert (args.lr, args.warmup_lr, args.weight_decay, args.min_lr) == (0.001, 5e-5, 2e-5, 5e-7)
+    assert args.epochs == 10 and isinstance(args.epochs, int)
+
+
+def test_null_and_empty_values_keep_the_default(tmp_path):
+    recipe = write(tmp_path / 'r.yaml', {'img-size': None, 'resume': '', 'interpolation': '', 'smoothing': None})
+    args = parse_config(['--config', str(recipe)])
+    assert (args.img_size, args.resume, args.interpolation, args.smoothing) == (None, None, None, 0.1)
+
+
+def timm_args_yaml(path, **changes):
+    """An args.yaml as timm's train.py writes it: every one of its options (those this suite also has, and those it
+    does not), here with a few changed from timm's defaults."""
+    from pgt.timm_args import TIMM_ONLY_DEFAULTS
+    shared = {'model': 'resnet50', 'batch_size': 128, 'lr': None, 'lr_base': 0.1, 'lr_base_size': 256,
+              'lr_base_scale': '', 'epochs': 300, 'sched': 'cosine', 'warmup_epochs': 5, 'warmup_lr': 1e-5,
+              'min_lr': 0, 'cooldown_epochs': 0, 'smoothing': 0.1, 'weight_decay': 2e-5, 'opt': 'sgd',
+              'momentum': 0.9, 'img_size': None, 'crop_pct': None, 'interpolation': '', 'mean': None, 'std': None,
+              'train_interpolation': 'random', 'color_jitter': 0.4, 'mixup': 0.0, 'cutmix': 0.0, 'amp': False,
+              'amp_dtype': 'float16', 'channels_last': False, 'model_kwargs': {}, 'resume': '', 'output': '',
+              'data_dir': '/imagenet', 'dataset': '', 'seed': 42, 'workers': 4, 'log_interval': 50,
+              'recovery_interval': 0, 'grad_accum_steps': 1, 'clip_grad': None, 'clip_mode': 'norm',
+              'sync_bn': False, 'torchcompile': None, 'num_classes': None, 'dataset_download': False,
+              'warmup_prefix': False, 'sched_on_updates': False, 'decay_epochs': 90, 'decay_milestones': [90, 180, 270],
+              'decay_rate': 0.1, 'scale': [0.08, 1.0], 'ratio': [0.75, 1.3333333333333333], 'hflip': 0.5}
+    path.write_text(yaml.safe_dump({**TIMM_ONLY_DEFAULTS, **shared, **changes}))
+    return path
+
+
+def test_a_timm_args_yaml_is_read_with_one_warning_naming_what_is_ignored(tmp_path):
+    path = timm_args_yaml(tmp_path / 'args.yaml', model='resnet18', batch_size=64, model_ema=True, reprob=0.25)
+    args = finalize_args(parse_config(['--config', str(path)]), world_size=1)
+    assert (args.model, args.batch_size, args.dataset) == ('resnet18', 64, 'imagefolder')
+    assert args.lr == pytest.approx(0.1 * 64 / 256)  # timm's rule for lr: null
+    assert args.data_dir == '/imagenet' and args.resume is None and args.output is None
+    warning = ignored_options_warning(args)
+    assert '\n' not in warning and warning.startswith(f'{path}: ')
+    assert "2 of them not at timm's default: model_ema: True; reprob: 0.25" in warning
+
+
+def test_a_misspelt_key_is_still_an_error_next_to_timm_keys(tmp_path):
+    path = timm_args_yaml(tmp_path / 'args.yaml', learning_rate=0.1)
+    with pytest.raises(UsageError, match="unknown key 'learning_rate'"):
+        parse_config(['--config', str(path)])
+
+
+def test_timm_learning_rate_rule_without_lr():
+    args = finalize_args(parse_config(['--batch-size', '64', '--grad-accum-steps', '2']), world_size=4)
+    assert args.lr == pytest.approx(0.1 * 64 * 4 * 2 / 256)
+    adam = finalize_args(parse_config(['--batch-size', '64', '--opt', 'adamw']), world_size=4)
+    assert adam.lr == pytest.approx(0.1 * (64 * 4 / 256) ** 0.5)  # square-root scaling for adaptive optimizers
+
+
+def test_model_kwargs_from_the_command_line_and_a_recipe(tmp_path):
+    args = parse_config(['--model-kwargs', 'zero_init_last=False', 'drop_rate=0.1'])
+    assert args.model_kwargs == {'zero_init_last': False, 'drop_rate': 0.1}
+    recipe = write(tmp_path / 'r.yaml', {'model-kwargs': {'zero_init_last': False}})
+    assert parse_config(['--config', str(recipe)]).model_kwargs == {'zero_init_last': False}
+    with pytest.raises(UsageError, match="key 'model_kwargs': expected a mapping"):
+        parse_config(['--config', str(write(tmp_path / 'bad.yaml', {'model-kwargs': ['zero_init_last']}))])
+
+
+def test_data_settings_default_to_the_models_own(tmp_path):
+    """As timm's train.py: what is not given comes from the model's default pretrained configuration."""
+    args = finalize_args(parse_config(['--model', 'resnet18_nobn']), world_size=1)
+    assert (args.img_size, args.val_img_size, args.crop_pct, args.interpolation) == (224, 224, 0.875, 'bilinear')
+    given = finalize_args(parse_config(['--model', 'resnet18_nobn', '--img-size', '160', '--val-img-size', '224']),
+                          world_size=1)
+    assert (given.img_size, given.val_img_size) == (160, 224)

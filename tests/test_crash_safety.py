@@ -1,16 +1,20 @@
 """What must survive a failing machine: a full filesystem during a checkpoint write, a divergence, and kill -9 at each
 of the writes of an epoch end. Each failure is real: a file size limit or a small tmpfs, a learning rate that
 overflows, SIGKILL at the moment the named file is half written."""
+import errno
+import os
 import resource
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-import train
+from pgt import train
 from conftest import (BASE, ROOT, assert_same_weights, file_digests, model_state, one_line_error, run_script,
-                      summary_values, user_namespaces_work)
+                      summary_values, train_in_process, user_namespaces_work)
+from pgt.checkpoint import save_checkpoint
 from pgt.engine import BufferGuard, TrainingParts, make_scaler, train_step
 from pgt.runlog import RunLog, read_summary
 
@@ -25,7 +29,7 @@ def first_epoch(tiny_data, run_dir):
 
 def assert_finite_checkpoints(run_dir):
     for path in run_dir.glob('*.pth'):
-        for name, tensor in torch.load(path, weights_only=True)['model'].items():
+        for name, tensor in torch.load(path, weights_only=True)['state_dict'].items():
             assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (path.name, name)
 
 
@@ -55,12 +59,13 @@ def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(straig
 @pytest.mark.skipif(not user_namespaces_work(), reason='a private tmpfs needs unshare -Urm (user and mount '
                                                        'namespaces), which this system does not allow')
 def test_full_tmpfs_during_a_checkpoint_write_keeps_the_previous_one(straight_run, tiny_data, tmp_path):
-    """A real ENOSPC: the run directory is a 300 MB tmpfs, room for the first epoch's three checkpoints and one
-    temporary file, so the first write of the second job fills it."""
+    """A real ENOSPC: the run directory is a 220 MB tmpfs. A checkpoint is ~90 MB; the first job needs two files and
+    a temporary one (recovery.pth, and last.pth with best.pth as a hard link to it), so the first write of the
+    second job fills it."""
     run_dir, before, after = tmp_path / 'run', tmp_path / 'before', tmp_path / 'after'
     run_dir.mkdir()
     train_cmd = f'{sys.executable} train.py {" ".join(map(str, BASE))} --data-dir {tiny_data} --output {run_dir}'
-    script = (f'set -e; mount -t tmpfs -o size=300m pgt-full-disk {run_dir}; '
+    script = (f'set -e; mount -t tmpfs -o size=220m pgt-full-disk {run_dir}; '
               f'{train_cmd} --stop-after-epoch 0 2>/dev/null; cp -a {run_dir} {before}; '
               f'set +e; {train_cmd} --resume auto 2>{tmp_path}/stderr; echo $? >{tmp_path}/rc; '
               f'cp -a {run_dir} {after}')
@@ -106,7 +111,7 @@ def test_an_epoch_of_skipped_steps_stops_without_writing(poisoned_loss, tiny_dat
     # recovery.pth moved on within the epoch (steps 3, 6, 9), holding the weights of the last finite step:
     recovery = torch.load(run_dir / 'recovery.pth', weights_only=True)
     assert (recovery['epoch'], recovery['step']) == (1, 9)
-    assert_same_weights(recovery['model'], model_state(run_dir / 'last.pth'), tol=0)
+    assert_same_weights(recovery['state_dict'], model_state(run_dir / 'last.pth'), tol=0)
     assert_finite_checkpoints(run_dir)
 
 
@@ -160,7 +165,7 @@ def test_kill_9_during_each_epoch_end_write_then_resume(first_crash, straight_ru
     assert summary_values(run_dir) == summary_values(straight_run)
     best, straight_best = (torch.load(d / 'best.pth', weights_only=True) for d in (run_dir, straight_run))
     assert best['best'] == straight_best['best'] and best['epoch'] == straight_best['epoch']
-    assert_same_weights(best['model'], straight_best['model'])
+    assert_same_weights(best['state_dict'], straight_best['state_dict'])
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
     assert sorted(p.name for p in run_dir.glob('epoch_*.pth')) == ['epoch_1.pth', 'epoch_2.pth']
 
@@ -169,7 +174,7 @@ def test_a_tensorboard_failure_is_one_warning_and_the_summary_is_still_written(t
     (tmp_path / 'tb').write_text('a file where TensorBoard wants its folder')
     runlog = RunLog(tmp_path, enabled=True)
     runlog.start_epoch(0, 1, 1)
-    runlog.step(1, 1, {'loss': 1.5})
+    runlog.step(1, SimpleNamespace(step=1, images=8, data_seconds=0.0), {'loss': 1.5})
     runlog.end_epoch(0, {'loss': 1.5, 'top1': 50.0, 'img_per_sec': 10.0}, {'loss': 2.5, 'top1': 40.0, 'top5': 90.0},
                      0.1)
     runlog.close()
@@ -177,3 +182,29 @@ def test_a_tensorboard_failure_is_one_warning_and_the_summary_is_still_written(t
     assert read_summary(tmp_path) == [{'epoch': '0', 'train_loss': '1.5', 'train_top1': '50.0',
                                        'train_img_per_sec': '10.0', 'eval_loss': '2.5', 'eval_top1': '40.0',
                                        'eval_top5': '90.0', 'lr': '0.1'}]
+
+
+# ---- one write per epoch end: best.pth and epoch_N.pth are hard links to last.pth's file
+
+def test_the_epoch_end_files_are_one_file_linked_under_each_name(tiny_data, tmp_path):
+    run_dir = tmp_path / 'run'
+    train_in_process(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--epochs', 1, '--checkpoint-interval', 1,
+                     '--recovery-interval', 0, '--workers', 0, '--pgt-start-epoch', 0)
+    names = ('best.pth', 'epoch_1.pth', 'last.pth')
+    inodes = {os.stat(run_dir / name).st_ino for name in names}
+    assert len(inodes) == 1 and os.stat(run_dir / 'last.pth').st_nlink == 3
+    state = torch.load(run_dir / 'best.pth', weights_only=True)
+    assert (state['epoch'], state['step']) == (1, 0) and not list(run_dir.glob('.*.tmp'))
+
+
+def test_without_hard_links_each_name_gets_a_full_copy(tmp_path, monkeypatch):
+    """Some network and FUSE filesystems refuse links (EPERM): the state is then written under each name."""
+    def no_links(source, target):
+        raise OSError(errno.EPERM, 'Operation not permitted')
+    monkeypatch.setattr(os, 'link', no_links)
+    state = {'state_dict': {'w': torch.arange(5.0)}, 'args': {}, 'epoch': 1, 'step': 0}
+    save_checkpoint(state, [tmp_path / 'best.pth', tmp_path / 'last.pth'])
+    best, last = (tmp_path / name for name in ('best.pth', 'last.pth'))
+    assert best.read_bytes() == last.read_bytes() and os.stat(best).st_ino != os.stat(last).st_ino
+    assert torch.equal(torch.load(best, weights_only=True)['state_dict']['w'], torch.arange(5.0))
+    assert not list(tmp_path.glob('.*.tmp'))

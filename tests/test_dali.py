@@ -1,12 +1,14 @@
 """The DALI backend in CPU mode (device_id=None): the same labels, images and sharding as the torch backend."""
 import json
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from conftest import ROOT, run_script
 from pgt.data import build_transform
@@ -21,9 +23,10 @@ SMOKE = ROOT / 'configs' / 'smoke.yaml'
 
 def dali_args(data_dir, **overrides):
     base = dict(data_dir=str(data_dir), dali_device='cpu', batch_size=8, workers=2, seed=0, img_size=32,
-                crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear', scale=[0.08, 1.0],
-                ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, amp=False, amp_dtype='float16',
-                channels_last=False)
+                val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
+                scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, amp=False, amp_dtype='float16',
+                channels_last=False, dataset='imagefolder', mean=list(IMAGENET_DEFAULT_MEAN),
+                std=list(IMAGENET_DEFAULT_STD))
     return SimpleNamespace(**{**base, **overrides})
 
 
@@ -48,13 +51,48 @@ def test_training_batch_shape_dtype_layout_and_range(tiny_data, channels_last):
     assert -3.0 < images.min() and images.max() < 3.0  # normalised: (x/255 - mean) / std lies in about [-2.2, 2.7]
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_pipelines_hand_uint8_batches_normalised_on_the_device_as_the_float_formula(tiny_data, channels_last):
+    """The DALI pipeline ends in uint8 (its CMN no longer normalises); the device loader's batch is
+    (x / 255 - mean) / std of those bytes, computed here in float64."""
+    loader = build_dali_loaders(dali_args(tiny_data, channels_last=channels_last), 0, 1, torch.device('cpu')).val
+    raw, _ = next(iter(loader.loader))  # the DaliLoader inside the device loader
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 3, 32, 32)
+    assert raw.is_contiguous(memory_format=torch.channels_last) == channels_last
+    normalised, _ = next(iter(loader))
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN,
+                                                                                  IMAGENET_DEFAULT_STD))
+    expected = (raw.double() / 255 - mean) / std
+    assert normalised.dtype == torch.float32 and (normalised.double() - expected).abs().max() < 1e-6
+
+
+def unique_label_order(data, seed, world_size=1):
+    labels = []
+    for rank in range(world_size):
+        loader = build_dali_loaders(dali_args(data, batch_size=4, seed=seed), rank, world_size,
+                                    torch.device('cpu')).train
+        labels.append(labels_of(loader))
+    return labels
+
+
+def test_the_training_order_depends_on_the_seed(tmp_path):
+    """DALI's own reshuffle ignores its seed argument; the suite permutes the file list with --seed first."""
+    data = unique_label_tree(tmp_path / 'unique', 24)
+    first, again, other = (unique_label_order(data, seed, 2) for seed in (0, 0, 1))
+    assert first == again  # same seed, same order on each rank
+    assert first != other  # another seed, another order
+    for order in (first, other):
+        assert sorted(order[0] + order[1]) == list(range(24))  # still every image once over the two shards
+
+
 def test_validation_pixels_match_the_torchvision_pipeline(tiny_data):
     """Same decode, resize to 256/224 of the size, centre crop and normalisation as timm's eval transform."""
     from torchvision.datasets import ImageFolder
     images, _ = next(iter(build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val))
     samples = ImageFolder(str(tiny_data / 'val')).samples[:8]
     transform = build_transform(dali_args(tiny_data), training=False)
-    reference = torch.stack([transform(Image.open(path).convert('RGB')) for path, _ in samples])
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    reference = torch.stack([(transform(Image.open(path).convert('RGB')) / 255 - mean) / std for path, _ in samples])
     per_channel = (images.mean((0, 2, 3)) - reference.mean((0, 2, 3))).abs()
     assert per_channel.max() < 0.05, per_channel  # decoders and resize kernels differ by rounding only
     assert (images - reference).abs().mean() < 0.1
@@ -79,9 +117,9 @@ def test_two_shards_cover_the_training_set_once_per_epoch(tmp_path, count, batch
         loaders = build_dali_loaders(dali_args(data, batch_size=batch), rank, 2, torch.device('cpu'))
         assert len(loaders.train) == -(-count // 2) // batch  # the same number of steps on both ranks
         seen += labels_of(loaders.train)
-    padding = (-count) % 2  # the file list is padded by repeating its first files until it divides by 2
+    padding = (-count) % 2  # the file list is padded by repeating files until it divides by 2
     assert sorted(set(seen)) == list(range(count)) and len(seen) == count + padding
-    assert sorted(seen) == sorted(list(range(count)) + list(range(padding)))
+    assert sum(n - 1 for n in Counter(seen).values()) == padding  # each padded file once more, no other repeat
 
 
 def test_two_shards_evaluate_each_validation_image_once(tmp_path):

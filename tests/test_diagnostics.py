@@ -1,6 +1,8 @@
 """Diagnostics against brute-force float64 computations from the thesis's definitions, on a tiny network."""
 import csv
 import itertools
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,13 +10,15 @@ import timm
 import torch
 import torch.nn as nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from timm.layers import convert_sync_batchnorm
 
 import pgt.models  # noqa: F401
 from conftest import ROOT, run_script
-from pgt import power_grad_cross_entropy
+from pgt import PowerGradCrossEntropy, power_grad_cross_entropy
 from pgt.diagnostics import (Diagnostics, GradientMask, count_zeroed_filters, dead_pooled_features, filter_norms,
                              gradient_coherence, gradient_confusion, gradient_diversity, micro_batch_gradients,
-                             per_example_gradients)
+                             per_example_gradients, series_layers)
+from pgt.errors import UsageError
 
 ALPHA = 0.3
 
@@ -150,8 +154,8 @@ def diagnostics_runs(tiny_data, tmp_path_factory):
 
 
 def test_diagnostics_do_not_change_the_training_trajectory(diagnostics_runs):
-    on = torch.load(diagnostics_runs / 'on' / 'last.pth', weights_only=True)['model']
-    off = torch.load(diagnostics_runs / 'off' / 'last.pth', weights_only=True)['model']
+    on = torch.load(diagnostics_runs / 'on' / 'last.pth', weights_only=True)['state_dict']
+    off = torch.load(diagnostics_runs / 'off' / 'last.pth', weights_only=True)['state_dict']
     assert all(torch.equal(on[k], off[k]) for k in off)
 
 
@@ -175,3 +179,88 @@ def test_alpha_sweep_draws_three_figures(paper_pair, tiny_data, tmp_path):
                         '--out', tmp_path, check=True)
     figures = [line for line in result.stdout.splitlines() if line.endswith('.png')]
     assert len(figures) == 3 and all((tmp_path / f.split('/')[-1]).stat().st_size > 1000 for f in figures)
+
+
+# ---- the papers' Fig. 5 series
+
+def test_fig5_series_are_the_filter_norms_of_layers_11_and_19_and_the_pooled_feature_norms(tmp_path):
+    """Layers counted as the papers count them: the weight tensors in parameter order, from 0. For the ResNet-18
+    without BN, 11 is layer3.0.conv2 (Fig. 5a) and 19 the last convolution, layer4.1.conv2 (Fig. 5b)."""
+    model = timm.create_model('resnet18_nobn', num_classes=10).double()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    targets = torch.arange(6) % 10
+    runlog = SimpleNamespace(scalar=lambda *a: None, histogram=lambda *a: None)
+    diag = Diagnostics(model, PowerGradCrossEntropy(0.3), (images, targets), interval=1, run_dir=tmp_path,
+                       runlog=runlog, layers=(11, 19))
+    assert diag.layers == {'layer11': 'layer3.0.conv2.weight', 'layer19': 'layer4.1.conv2.weight'}
+    diag.updates = 1
+    diag.after_step(0, 7, torch.tensor(1.0), torch.randn(6, 10))
+    with open(tmp_path / 'filter_norms.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    values = {}
+    for row in rows:
+        assert (row['epoch'], row['step']) == ('0', '7')
+        values.setdefault(row['series'], {})[int(row['index'])] = float(row['norm'])
+    for series, module in (('layer11', model.layer3[0].conv2), ('layer19', model.layer4[1].conv2)):
+        weight = module.weight.detach().numpy()
+        expected = [np.sqrt((weight[f] ** 2).sum()) for f in range(weight.shape[0])]  # ||W[f]||_2, filter by filter
+        assert [values[series][i] for i in range(len(expected))] == pytest.approx(expected, rel=1e-9)
+    with torch.no_grad():
+        maps = model.eval().forward_features(images).numpy()  # [6, 512, h, w]
+    pooled = maps.mean(axis=(2, 3))
+    expected = np.sqrt((pooled ** 2).sum(axis=0))  # ||h[:, j]||_2 over the probe batch, feature by feature
+    assert [values['pooled'][j] for j in range(512)] == pytest.approx(expected.tolist(), rel=1e-9)
+
+
+def test_a_layer_the_model_lacks_is_refused():
+    with pytest.raises(UsageError, match=r'--diagnostics-layers: ResNet has weight layers 0-20, got 11, 21'):
+        series_layers(timm.create_model('resnet18_nobn', num_classes=10), (11, 21))
+
+
+# ---- SyncBatchNorm: probes on rank 0 alone must not enter a collective
+
+def small_resnet():
+    torch.manual_seed(0)
+    return timm.create_model('test_resnet', num_classes=5)
+
+
+def probe_batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+
+
+def _sync_bn_worker(rank, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    model = convert_sync_batchnorm(small_resnet())
+    images, targets = probe_batch()
+    if rank == 0:  # as train.py: only rank 0 builds and runs the diagnostics
+        runlog = SimpleNamespace(scalar=lambda *a: None, histogram=lambda *a: None)
+        diag = Diagnostics(model, PowerGradCrossEntropy(0.3), (images, targets), 1, Path(result_file).parent, runlog)
+        diag.updates = 1
+        diag.after_step(0, 1, torch.tensor(1.0), torch.randn(8, 5))
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())  # the model itself untouched
+        Path(result_file).write_text('done')
+    dist.barrier()  # rank 1 waits here; a probe that entered a SyncBatchNorm collective would never return
+    dist.destroy_process_group()
+
+
+def test_probes_with_sync_batch_norm_run_on_a_plain_copy(tmp_path):
+    """Two gloo ranks, a model converted to SyncBatchNorm: rank 0's train-mode probes would need rank 1 in every
+    batch norm (on a CPU torch refuses outright; on GPUs they hang). They run on a plain-BN copy instead, and give
+    what the same probes give on the model without SyncBatchNorm."""
+    result = tmp_path / 'done.txt'
+    torch.multiprocessing.spawn(_sync_bn_worker, args=(str(tmp_path / 'init'), str(result)), nprocs=2)
+    assert result.read_text() == 'done'
+    with open(tmp_path / 'diagnostics.csv', newline='') as f:
+        synced = next(csv.DictReader(f))
+    plain_dir = tmp_path / 'plain'
+    plain_dir.mkdir()
+    runlog = SimpleNamespace(scalar=lambda *a: None, histogram=lambda *a: None)
+    diag = Diagnostics(small_resnet(), PowerGradCrossEntropy(0.3), probe_batch(), 1, plain_dir, runlog)
+    diag.updates = 1
+    diag.after_step(0, 1, torch.tensor(1.0), torch.randn(8, 5))
+    with open(plain_dir / 'diagnostics.csv', newline='') as f:
+        plain = next(csv.DictReader(f))
+    for key in ('gradient_diversity', 'gradient_confusion', 'gradient_coherence', 'dead_pooled_features'):
+        assert float(synced[key]) == pytest.approx(float(plain[key]), rel=1e-6), key

@@ -200,3 +200,16 @@ def test_read_only_output_directory(tiny_data, tmp_path):
                             timeout=300)
     assert result.returncode == 2
     assert one_line_error(result.stderr) == f'error: cannot write to --output {read_only}/run: Read-only file system'
+
+
+def test_sync_batch_norm_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path):
+    """torch's SyncBatchNorm runs on CUDA only: two CPU ranks with --sync-bn stop before anything is written."""
+    from conftest import torchrun_command
+    result = subprocess.run(torchrun_command(*BASE, '--data-dir', tiny_data, '--output', tmp_path / 'run',
+                                             '--global-batch-size', 32, '--workers', 0, '--sync-bn'),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    refusal = "error: --sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on the cpu; leave it out"
+    assert result.stderr.count(refusal) == 2  # each rank once (their lines may interleave on the shared stderr)
+    assert '/pgt/' not in result.stderr  # no frame of ours: the traceback there is torchrun's agent's
+    assert not (tmp_path / 'run').exists()

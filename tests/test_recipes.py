@@ -10,11 +10,12 @@ import torch
 import pgt.models  # noqa: F401  (registers resnet18_nobn)
 from conftest import ROOT
 from pgt.config import finalize_args, parse_config
+from pgt.errors import UsageError
 from pgt.optim import build_scheduler, total_epochs
 
 PAPER = ROOT / 'configs' / 'paper'
 ROW_RECIPES = sorted(p for p in PAPER.glob('*.yaml'))
-GRID_RECIPES = sorted((PAPER / 'grid').glob('*.yaml'))
+GRID_RECIPES = sorted(p for p in (PAPER / 'grid').rglob('*.yaml') if p.parent.name != 'cifar')
 PUBLISHED = list(csv.DictReader(open(PAPER / 'published.csv')))
 
 
@@ -81,7 +82,7 @@ def lr_curve(args):
 @pytest.mark.parametrize('path', ROW_RECIPES + GRID_RECIPES, ids=lambda p: p.stem)
 def test_schedule_matches_the_papers(path):
     args = load(path)
-    grid, sixty = path.parent.name == 'grid', '60ep' in path.stem
+    grid, sixty = 'grid' in path.parts, '60ep' in path.stem
     epochs = 50 if grid else 60 if sixty else 100
     cosine_epochs = 46 if grid else 54 if sixty else 90
     warmup = 2 if grid else 5
@@ -100,3 +101,153 @@ def test_named_points_of_the_published_curves():
     assert cosine[1] == pytest.approx(0.08032) and cosine[5] == pytest.approx(0.397, abs=5e-4)
     assert cosine[90:] == pytest.approx([4e-4] * 10)
     assert (step[30], step[60], step[90]) == pytest.approx((0.04, 0.004, 4e-4))
+
+
+# ---- the published runs' own settings, with the evidence
+
+# The evaluation interpolation each model had in the published runs: the default_cfgs of the 2021 timm fork that
+# the published code vendors (skalien/power-grad-transform, timm/models/resnet.py): _cfg() is bilinear with crop
+# 0.875; resnet50, resnet101, seresnet18 and seresnet50 set interpolation='bicubic'; resnet18 and resnet18_wobn keep
+# the default. The published train.py evaluates with resolve_data_config(vars(args), model=model), and trains on its
+# DALI pipeline (INTERP_LINEAR) with --dali, as its README's command runs.
+PUBLISHED_EVAL_INTERPOLATION = {'resnet18': 'bilinear', 'resnet18_nobn': 'bilinear', 'resnet50': 'bicubic',
+                                'resnet101': 'bicubic', 'seresnet18': 'bicubic', 'seresnet50': 'bicubic'}
+
+
+@pytest.mark.parametrize('path', ROW_RECIPES + GRID_RECIPES, ids=lambda p: p.stem)
+def test_data_pipeline_is_the_published_runs(path):
+    args = load(path)
+    assert args.interpolation == PUBLISHED_EVAL_INTERPOLATION[args.model]
+    assert (args.crop_pct, args.img_size, args.val_img_size) == (0.875, 224, 224)
+    assert (args.train_interpolation, args.color_jitter, args.scale, args.hflip) == ('bilinear', 0.0, [0.08, 1.0],
+                                                                                      0.5)
+
+
+_built = {}
+
+
+def built(args):
+    key = (args.model, tuple(sorted(args.model_kwargs.items())))
+    if key not in _built:
+        torch.manual_seed(0)
+        _built[key] = timm.create_model(args.model, num_classes=1000, **args.model_kwargs)
+    return _built[key]
+
+
+@pytest.mark.parametrize('path', ROW_RECIPES + GRID_RECIPES, ids=lambda p: p.stem)
+def test_the_last_batch_norm_of_each_block_starts_at_one_as_in_the_published_runs(path):
+    """The fork's ResNet.init_weights guards its zero-init of each block's last batch norm with
+    `isinstance(self.norm_layer, nn.BatchNorm2d)`, where norm_layer is the class, so it never ran: every batch-norm
+    weight started at 1. timm 1.x would zero them (zero_init_last=True)."""
+    model = built(load(path))
+    last_norms = [block.bn3 if hasattr(block, 'bn3') else block.bn2 for stage in
+                  (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+    weights = [norm.weight for norm in last_norms if getattr(norm, 'weight', None) is not None]
+    assert all(torch.equal(w, torch.ones_like(w)) for w in weights)
+    if load(path).model != 'resnet18_nobn':
+        assert len(weights) == len(last_norms) > 0  # real batch norms were checked
+    assert timm.create_model('resnet18', num_classes=10).layer1[0].bn2.weight.abs().max() == 0  # timm's default
+
+
+def test_grid_searches_hold_exactly_the_published_alphas():
+    """ICLR Sec. 3.1: ResNet-18 from 0.1 to 0.9 by 0.1, then 0.2 to 0.4 by 0.05; ResNet-50 0.2 to 0.4 by 0.05; each
+    with alpha 1 (no transform) as the reference point of Fig. 2."""
+    from pgt.paper import paper_runs
+    alphas = {}
+    for run in paper_runs('grid'):
+        args = run.args()
+        if args.clip_grad is None:
+            alphas.setdefault(args.model, []).append(args.pgt_alpha)
+            assert args.pgt_start_epoch == (1 if args.model == 'resnet50' else 0), run.name
+    assert sorted(alphas['resnet18']) == [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert sorted(alphas['resnet50']) == [0.2, 0.25, 0.3, 0.35, 0.4, 1.0]
+    extended = sorted(run.args().pgt_alpha for run in paper_runs('extended'))
+    assert extended == [0.1, 0.5, 0.6, 0.7, 0.8, 0.9] and not set(extended) & set(alphas['resnet50']) - {0.1}
+
+
+def test_clipping_grids_search_the_assumed_factors_of_table_2():
+    from pgt.paper import paper_runs
+    grids = {}
+    for run in paper_runs('grid'):
+        args = run.args()
+        if args.clip_grad is not None:
+            grids.setdefault(args.clip_mode, set()).add((args.clip_grad, args.pgt_alpha))
+            assert (args.model, args.global_batch_size, args.lr) == ('resnet18_nobn', 256, 0.1)
+    assert grids['agc'] == {(c, a) for c in (0.005, 0.01, 0.02, 0.04) for a in (1.0, 0.25)}
+    assert grids['norm'] == {(c, a) for c in (0.25, 0.5, 1.0, 2.0) for a in (1.0, 0.25)}
+    assert load(PAPER / 'nobn-bs256-agc.yaml').clip_grad in {c for c, _ in grids['agc']}  # the assumption is in it
+
+
+def warmup_prefix_lr(epoch, peak, warmup, epochs, floor=4e-4):
+    """The papers' literal reading: linear warmup to the peak, then cosine from the peak at the end of the warmup
+    to the floor at --epochs, then the floor (cooldown)."""
+    if epoch < warmup:
+        return floor + epoch * (peak - floor) / warmup
+    if epoch >= epochs:
+        return floor
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+
+def test_warmup_prefix_reaches_the_peak_and_keeps_the_run_length():
+    path = PAPER / 'resnet18-cosine-pgt.yaml'
+    plain, literal = load(path), finalize_args(parse_config(['--config', str(path), '--warmup-prefix']), world_size=1)
+    curve = lr_curve(literal)
+    assert len(curve) == len(lr_curve(plain)) == 100
+    assert curve[5] == pytest.approx(0.4, abs=1e-6) and lr_curve(plain)[5] == pytest.approx(0.397, abs=5e-4)
+    for epoch in range(100):
+        assert curve[epoch] == pytest.approx(warmup_prefix_lr(epoch, 0.4, 5, 90), abs=1e-6), epoch
+    with pytest.raises(UsageError, match='applies to --sched cosine only'):
+        finalize_args(parse_config(['--config', str(PAPER / 'resnet18-step-pgt.yaml'), '--warmup-prefix']), 1)
+
+
+# ---- the budget tier
+
+BUDGET = ROOT / 'configs' / 'budget'
+BUDGET_RECIPES = sorted(BUDGET.glob('*.yaml'))
+
+
+def test_the_budget_tier_covers_table_1_and_table_3():
+    rows = {p.stem for p in ROW_RECIPES if str(load(p).paper['table']) in ('1', '3')}
+    assert {p.stem for p in BUDGET_RECIPES} == rows and len(rows) == 22
+
+
+@pytest.mark.parametrize('path', BUDGET_RECIPES, ids=lambda p: p.stem)
+def test_budget_recipe_keeps_its_rows_settings_and_scales_its_schedule(path):
+    budget, row = load(path), load(PAPER / f'{path.stem}.yaml')
+    assert budget.paper['shrinks'] == path.stem and budget.paper['tier'] == 'budget'
+    for key in ('model', 'pgt_alpha', 'global_batch_size', 'opt', 'lr', 'momentum', 'weight_decay', 'smoothing',
+                'sched', 'pgt_start_epoch', 'model_kwargs', 'interpolation'):
+        assert getattr(budget, key) == getattr(row, key), key
+    epochs, row_epochs = total_epochs(budget), total_epochs(row)
+    assert epochs <= row_epochs / 5 and (budget.img_size, budget.val_img_size) == (160, 224)
+    ratio = epochs / row_epochs  # 1/5: the row's warmup end, milestones and cosine end scaled by it
+    curve = lr_curve(budget)
+    peak = 0.4 * row.global_batch_size / 1024
+    for epoch in range(epochs):
+        assert curve[epoch] == pytest.approx(scaled_lr(epoch, ratio, row.sched, peak), abs=1e-6), epoch
+    assert f'base: ../paper/{path.stem}.yaml' in path.read_text() and 'training images' in path.read_text()
+
+
+def scaled_lr(epoch, ratio, sched, peak, floor=4e-4):
+    """The row's published curve (expected_lr) with its epochs scaled by ``ratio``: warmup 5, milestones 30/60/90,
+    cosine end 90 become 5r, 30r/60r/90r and 90r."""
+    warmup = 5 * ratio
+    if epoch < warmup:
+        return floor + epoch * (peak - floor) / warmup
+    if sched == 'step':
+        return peak * 0.1 ** (epoch // (30 * ratio))
+    cosine_end = 90 * ratio
+    if epoch >= cosine_end:
+        return floor
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * epoch / cosine_end))
+
+
+# ---- CIFAR-10
+
+def test_the_cifar_grid_resolves():
+    from pgt.paper import paper_runs
+    runs = paper_runs('cifar')
+    assert [run.args().pgt_alpha for run in runs] == [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    args = runs[0].args()
+    assert (args.dataset, args.model, args.img_size, total_epochs(args)) == ('cifar10', 'resnet20_cifar', 32, 360)
+

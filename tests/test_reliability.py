@@ -5,17 +5,16 @@ import re
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-import train
-from conftest import (BASE, ROOT, assert_same_weights, file_digests, model_state, one_line_error, read_until,
-                      run_script, start_training, summary_values, torchrun_command)
+from pgt import train
+from conftest import (BASE, ROOT, STEP_LINE, assert_same_weights, file_digests, model_state, one_line_error,
+                      read_until, run_script, start_training, summary_values, torchrun_command)
 from pgt.checkpoint import find_resume_checkpoint, save_checkpoint
 from pgt.runlog import read_summary
-
-STEP_LINE = r'epoch (\d+) step (\d+):'
 
 
 def last_step(lines, epoch):
@@ -25,7 +24,7 @@ def last_step(lines, epoch):
 def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(straight_run, tiny_data, tmp_path):
     run_dir = tmp_path / 'killed'
     process = start_training(*BASE, '--data-dir', tiny_data, '--output', run_dir)
-    lines = read_until(process, r'epoch 1 step 5:')  # past the recovery checkpoint of step 3 of the second epoch
+    lines = read_until(process, r'epoch 1 step 5/')  # past the recovery checkpoint of step 3 of the second epoch
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     recovery = torch.load(run_dir / 'recovery.pth', weights_only=True)
@@ -43,7 +42,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(str
     run_dir = tmp_path / 'preempted'
     process = start_training(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--recovery-interval', 0,
                              '--workers', 2)
-    lines = read_until(process, r'epoch 1 step 2:')
+    lines = read_until(process, r'epoch 1 step 2/')
     os.killpg(process.pid, signal.SIGTERM)
     _, rest = process.communicate(timeout=120)
     assert process.returncode == 75, rest[-3000:]
@@ -60,25 +59,60 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(str
 
 def test_sigterm_to_torchruns_process_group_saves_and_resumes_exactly(straight_run_2_ranks, tiny_data, tmp_path):
     """The agent is signalled with its group; it sends SIGTERM to each rank's process group (workers included).
-    Both ranks stop after the same step with exit 75 and one recovery checkpoint. The agent itself then exits with
+    The ranks agree on the signal every --signal-check-interval (4) steps: both stop after the same step, a multiple
+    of 4 within 4 steps of the signal, with exit 75 and one recovery checkpoint. The agent itself then exits with
     torchrun's SignalException (code 1): that is torchrun's own behaviour, which scripts/slurm_step.sh does not
     rely on (it requeues on the signal it received)."""
     run_dir = tmp_path / 'preempted'
     two_ranks = [*BASE, '--data-dir', tiny_data, '--output', run_dir, '--global-batch-size', 32, '--workers', 2,
-                 '--recovery-interval', 0, '--resume', 'auto']
+                 '--recovery-interval', 0, '--resume', 'auto', '--signal-check-interval', 4]
     agent = start_training(command=torchrun_command(*two_ranks))
-    read_until(agent, r'epoch 0 step 3:')
+    seen = last_step(read_until(agent, r'epoch 0 step 3/'), 0)
     os.killpg(agent.pid, signal.SIGTERM)
     _, rest = agent.communicate(timeout=120)
     stops = re.findall(r'stopped: SIGTERM at epoch 0 step (\d+): recovery checkpoint', rest)
     assert len(stops) == 2 and stops[0] == stops[1], rest[-3000:]
+    stop = int(stops[0])
+    assert stop % 4 == 0 and stop - seen <= 4 + 1, (seen, stop)  # +1: the step running when the signal lands
     assert 'killed by signal' not in rest and 'Unable to shutdown process' not in rest, rest[-3000:]
     assert agent.returncode != 0 and 'SignalException' in rest
-    assert torch.load(run_dir / 'recovery.pth', weights_only=True)['step'] == int(stops[0])
+    assert torch.load(run_dir / 'recovery.pth', weights_only=True)['step'] == stop
     result = subprocess.run(torchrun_command(*two_ranks), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run_2_ranks / 'last.pth'))
     assert summary_values(run_dir) == summary_values(straight_run_2_ranks)
+
+
+def _agreement_worker(rank, init_file, result_file):
+    import torch.distributed as dist
+    from pgt.preemption import PreemptionFlag
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    calls, reduce = [], dist.all_reduce
+
+    def counted(*args, **kwargs):  # observes the collective; the decision to make it is PreemptionFlag's
+        calls.append(step)
+        return reduce(*args, **kwargs)
+    dist.all_reduce = counted
+    flag = PreemptionFlag(agree_every=4)
+    flag.training_started()
+    answers = []
+    for step in range(1, 11):
+        if rank == 1 and step == 5:
+            flag.signal_name = 'SIGTERM'  # rank 1 gets the signal during step 5
+        answers.append(flag.requested(step, steps_in_epoch=10))
+    if rank == 0:
+        Path(result_file).write_text(f'{calls}\n{answers}')
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_signal_every_k_steps_and_at_the_epoch_end(tmp_path):
+    result = tmp_path / 'result.txt'
+    torch.multiprocessing.spawn(_agreement_worker, args=(str(tmp_path / 'init'), str(result)), nprocs=2)
+    calls, answers = result.read_text().splitlines()
+    assert calls == '[4, 8, 10]'  # one all-reduce every 4 steps and at the last step, none in between
+    # rank 0 never got the signal, yet stops with rank 1 at the first agreement after it: step 8
+    assert answers == str([False] * 7 + [True, False, True])
 
 
 def test_torchrun_restart_after_a_killed_rank_reproduces_weights_and_every_metric(straight_run_2_ranks, tiny_data,
@@ -89,7 +123,7 @@ def test_torchrun_restart_after_a_killed_rank_reproduces_weights_and_every_metri
     agent = start_training(command=torchrun_command(*BASE, '--data-dir', tiny_data, '--output', run_dir,
                                                     '--global-batch-size', 32, '--workers', 0, '--resume', 'auto',
                                                     max_restarts=1))
-    read_until(agent, r'epoch 1 step 5:')  # mid second epoch; the recovery checkpoint of step 3 exists
+    read_until(agent, r'epoch 1 step 5/')  # mid second epoch; the recovery checkpoint of step 3 exists
     ranks = subprocess.run(['pgrep', '-P', str(agent.pid)], capture_output=True, text=True).stdout.split()
     assert len(ranks) == 2
     os.kill(int(ranks[-1]), signal.SIGKILL)
@@ -115,7 +149,7 @@ def test_signal_during_start_up_stops_with_one_line_and_changes_nothing(straight
 
 
 def test_checkpoint_furthest_along_is_resumed_and_truncated_ones_are_skipped(tmp_path, caplog):
-    state = {'model': {'w': torch.ones(3)}, 'optimizer': {}, 'epoch': 1, 'step': 4}
+    state = {'state_dict': {'w': torch.ones(3)}, 'args': {}, 'optimizer': {}, 'epoch': 1, 'step': 4}
     save_checkpoint({**state, 'epoch': 2, 'step': 0}, tmp_path / 'last.pth')
     save_checkpoint(state, tmp_path / 'recovery.pth')  # newer file, earlier position: a stale recovery checkpoint
     assert find_resume_checkpoint(tmp_path)[0].name == 'last.pth'
@@ -146,7 +180,7 @@ def test_consecutive_skips_are_counted_across_the_epoch_boundary(poisoned_loss, 
         train.main(argv)
     last = torch.load(run_dir / 'last.pth', weights_only=True)
     assert last['epoch'] == 1 and last['skip_streak'] == {'current': 2}
-    assert all(torch.isfinite(v).all() for v in last['model'].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
 
 
 def corrupt(path):

@@ -100,7 +100,8 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(straight_run, 
 def test_every_checkpoint_loads_with_weights_only(straight_run):
     for path in sorted(straight_run.glob('*.pth')):
         state = torch.load(path, weights_only=True)
-        assert {'model', 'optimizer', 'scaler', 'epoch', 'step', 'ranks', 'classes'} <= state.keys(), path.name
+        assert {'state_dict', 'arch', 'optimizer', 'scaler', 'epoch', 'step', 'ranks', 'classes'} <= state.keys(), \
+            path.name
 
 
 def test_a_checkpoint_of_another_architecture_is_one_line_naming_both(straight_run, tiny_data, tmp_path):

@@ -1,13 +1,19 @@
 """train.py and validate.py end to end on the generated tiny set, on the CPU, through their command lines."""
+import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import timm
+import timm.data
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from timm.utils import CheckpointSaver
 
 from conftest import ROOT, run_script
 from pgt.runlog import read_summary
@@ -67,7 +73,8 @@ def test_resolved_config_reproduces_the_run_configuration(smoke_run):
     again = run_script('train.py', '--config', SMOKE, '--dry-run', check=True)
     resolved, original = result.stdout.splitlines(), again.stdout.splitlines()
     differing = set(resolved) ^ set(original)
-    assert all(line.startswith('num_classes') for line in differing), differing  # filled in from the data
+    # Filled in at run time: the classes from the data, --amp-dtype auto once the device is known.
+    assert differing == {'num_classes: 10', 'amp_dtype: bfloat16', 'amp_dtype: auto'}, differing
 
 
 def test_resume_after_an_epoch_gives_the_same_rows(tiny_data, tmp_path):
@@ -177,3 +184,111 @@ def test_existing_run_is_not_overwritten(smoke_run, tiny_data):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_script('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'nowhere', '--debug')
     assert result.returncode != 0 and 'Traceback' in result.stderr
+
+
+# ---- what the ecosystem reads: timm's loaders, its train.py checkpoints, TensorBoard's HParams, train.log
+
+def test_best_checkpoint_loads_weights_only_and_into_timm(smoke_run):
+    state = torch.load(smoke_run / 'best.pth', map_location='cpu', weights_only=True)
+    model = timm.create_model('resnet18', num_classes=10, checkpoint_path=str(smoke_run / 'best.pth'))
+    loaded = model.state_dict()
+    assert loaded.keys() == state['state_dict'].keys()
+    assert all(torch.equal(loaded[k], state['state_dict'][k]) for k in loaded)
+    assert state['arch'] == 'resnet18'
+
+
+def timm_checkpoint(smoke_run, out_dir):
+    """best.pth's weights saved by timm's own CheckpointSaver, as timm's train.py saves them (model_best.pth.tar,
+    with its arguments pickled as an argparse.Namespace)."""
+    model = timm.create_model('resnet18', num_classes=10)
+    model.load_state_dict(torch.load(smoke_run / 'best.pth', weights_only=True)['state_dict'])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(model='resnet18', lr=0.1, epochs=5),
+                            checkpoint_dir=str(out_dir), recovery_dir=str(out_dir))
+    saver.save_checkpoint(epoch=3, metric=50.0)
+    return out_dir / 'model_best.pth.tar'
+
+
+def test_validate_reads_a_timm_train_checkpoint_with_the_same_top1(smoke_run, tiny_data, tmp_path):
+    ours = json.loads(run_script('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data,
+                                 '--json', check=True).stdout)
+    path = timm_checkpoint(smoke_run, tmp_path)
+    same_transform = ['--img-size', 32, '--crop-pct', 0.875, '--interpolation', 'bilinear']
+    theirs = json.loads(run_script('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
+                                   *same_transform, check=True).stdout)
+    assert theirs['top1'] == ours['top1'] and theirs['loss'] == pytest.approx(ours['loss'], rel=1e-6)
+    assert (theirs['model'], theirs['epoch'], theirs['step']) == ('resnet18', 3, None)
+    default = json.loads(run_script('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
+                                    check=True).stdout)
+    config = timm.data.resolve_data_config(model=timm.create_model('resnet18'))  # the model's own data config
+    assert (default['img_size'], default['crop_pct'], default['interpolation']) == (
+        config['input_size'][-1], config['crop_pct'], config['interpolation'])
+
+
+def test_validate_needs_a_model_name_for_a_bare_state_dict(smoke_run, tiny_data, tmp_path):
+    bare = tmp_path / 'weights.pth'
+    torch.save(torch.load(smoke_run / 'best.pth', weights_only=True)['state_dict'], bare)
+    result = run_script('validate.py', '--checkpoint', bare, '--data-dir', tiny_data)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f'error: {bare} does not name its model; pass --model NAME')
+    ok = run_script('validate.py', '--checkpoint', bare, '--model', 'resnet18', '--data-dir', tiny_data, '--json',
+                    '--img-size', 32, check=True)
+    assert json.loads(ok.stdout)['images'] == 80
+
+
+def test_pretrained_weights_without_a_network_are_one_line(tiny_data):
+    result = run_script('validate.py', '--model', 'resnet18', '--pretrained', '--data-dir', tiny_data,
+                        env={'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tiny_data.parent / 'hf-empty')})
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('error: cannot load the pretrained weights of resnet18: ')
+
+
+NUMBER = r'[\d.]+(?:e[+-]\d+)?'
+INTERVAL_LINE = (rf'INFO epoch \d+ step (\d+)/10: loss {NUMBER} lr {NUMBER} grad_norm {NUMBER} \| \d+ img/s, data '
+                 r'\d+% \| eta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)$')
+
+
+def test_train_log_holds_the_interval_lines(smoke_run):
+    lines = (smoke_run / 'train.log').read_text().splitlines()
+    steps = [int(m.group(1)) for line in lines if (m := re.search(INTERVAL_LINE, line))]
+    assert steps == [5, 10] * 6  # --log-interval 5 of the smoke recipe, 10 steps per epoch, 6 epochs
+    assert any('epoch 5: train loss' in line for line in lines)
+
+
+def test_tensorboard_holds_the_hyperparameters_and_final_metrics(smoke_run):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    events = EventAccumulator(str(smoke_run / 'tb'))
+    events.Reload()
+    content = events.PluginTagToContent('hparams')
+    session = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/session_start_info'])
+    hparams = session.session_start_info.hparams
+    assert hparams['pgt_alpha'].number_value == 0.3 and hparams['model'].string_value == 'resnet18'
+    assert hparams['lr'].number_value == 0.1
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/experiment'])
+    assert {m.name.tag for m in experiment.experiment.metric_infos} == {
+        'hparams/eval_top1_final', 'hparams/eval_top1_best', 'hparams/train_top1_final'}
+    best = events.Scalars('hparams/eval_top1_best')[-1].value
+    assert best == pytest.approx(max(float(r['eval_top1']) for r in read_summary(smoke_run)), abs=1e-4)
+
+
+def test_a_run_refused_by_its_checks_creates_no_directory(tiny_data, tmp_path):
+    """The default --output is runs/<model>-<time>/ under the working directory: nothing may appear there."""
+    for bad in (['--model-kwargs', 'no_such_argument=1'], ['--diagnostics', '--diagnostics-layers', 99]):
+        result = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--config', str(SMOKE), '--data-dir',
+                                 str(tiny_data), *map(str, bad)], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(('error: --model-kwargs', 'error: --diagnostics'))
+        assert not (tmp_path / 'runs').exists()
+
+
+def test_val_img_size_changes_only_evaluation(smoke_run, tiny_data):
+    from pgt.config import finalize_args, parse_config
+    from pgt.data import build_loaders
+    args = finalize_args(parse_config(['--config', str(SMOKE), '--data-dir', str(tiny_data), '--val-img-size', '48',
+                                       '--workers', '0']), world_size=1)
+    loaders = build_loaders(args, 0, 1, torch.device('cpu'))
+    loaders.train.sampler.set_epoch(0)
+    assert next(iter(loaders.train))[0].shape[-2:] == (32, 32) and next(iter(loaders.val))[0].shape[-2:] == (48, 48)
+    result = json.loads(run_script('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data,
+                                   '--val-img-size', 48, '--json', check=True).stdout)
+    assert result['img_size'] == 48 and result['images'] == 80

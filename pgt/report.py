@@ -1,0 +1,309 @@
+"""The papers' tables and figures from this suite's runs, with their uncertainty, side by side with the published
+numbers.
+
+    pgt-report --runs runs/paper --out report/ [--validate-json sweep/*.json]
+    pgt-report --runs runs/budget --tier budget --out report-budget/
+
+(``python scripts/report.py`` is the same program.) Reads the run directories that pgt-reproduce writes
+(<runs>/<row>/summary.csv, and <runs>/<row>/seed<k>/summary.csv for repeated seeds) and writes:
+
+- report.md: per table, the rows' final train top-1, final and best test top-1 (mean and standard deviation over
+  seeds), the generalisation gap (train - test) and the published numbers; then each PGT row against its baseline:
+  the difference in train and test top-1 with a 95% confidence interval (paired by seed when both rows have the
+  same seeds, Welch's otherwise; pgt.stats) and whether the published difference lies inside it. A row with one seed
+  has no interval. Rows whose runs are incomplete (fewer epochs than the recipe) or not on ImageNet-1k's 1,000
+  classes say so, and get no difference to the paper. The grid searches get a table per model. Three decimals,
+  as the papers print.
+- results.csv and differences.csv: the same numbers at full precision (one row per table row, one per PGT row).
+- figures (PNG and PDF): Fig. 3 curves for every PGT row whose baseline ran, Fig. 2 for the grid searches, Fig. 5
+  for rows with diagnostics' filter_norms.csv, and Fig. 6 from validate.py JSON files of an alpha sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .errors import CliParser, UsageError, run_cli
+from .optim import total_epochs
+from .paper import TABLES, PaperRun, experiments, paper_runs, seed_runs
+from .plots import accuracy_curves_figure, alpha_sweep_figure, filter_norms_figure, grid_figure, save_figure
+from .runlog import read_summary
+from .stats import Difference, difference, summarize
+
+TITLES = {'1': 'Table 1: networks with batch normalisation', '2': 'Table 2: ResNet-18 without batch normalisation',
+          '3': 'Table 3: ResNet-50, schedules and label smoothing', 'fig3c': 'Fig. 3(c): 60 epochs',
+          'grid': 'Grid searches (ICLR Sec. 3.1)', 'extended': 'Grid searches beyond the paper',
+          'cifar': 'ResNet-20 on CIFAR-10 (ICLR Fig. 2c)'}
+GRID_TABLES = ('grid', 'extended', 'cifar')
+
+
+def parse_args(argv):
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--runs', required=True, help='folder holding one run directory per row (pgt-reproduce --runs-dir)')
+    p.add_argument('--out', required=True, help='folder for report.md, the CSVs and the figures')
+    p.add_argument('--tier', default='paper', choices=('paper', 'budget'))
+    p.add_argument('--validate-json', nargs='*', default=[], help='validate.py --json outputs of an alpha sweep')
+    p.add_argument('--debug', action='store_true')
+    return p.parse_args(argv)
+
+
+@dataclass
+class RowResult:
+    """A row's runs: {seed: summary rows} from its experiment's run directories."""
+    run: PaperRun
+    source: str  # the run directory's name (the experiment's first row)
+    seeds: dict[int, list[dict]]
+    model: str
+    alpha: float
+    planned_epochs: int
+    classes: int | None
+    expected_classes: int
+
+    def final(self, key: str) -> dict[int, float]:
+        return {seed: float(rows[-1][key]) for seed, rows in self.seeds.items()}
+
+    def best(self, key: str) -> dict[int, float]:
+        return {seed: max(float(r[key]) for r in rows) for seed, rows in self.seeds.items()}
+
+    @property
+    def epochs_done(self) -> int:
+        return min(len(rows) for rows in self.seeds.values())
+
+    @property
+    def status(self) -> str:
+        if self.epochs_done < self.planned_epochs:
+            return f'incomplete: {self.epochs_done} of {self.planned_epochs} epochs'
+        if self.classes is not None and self.classes != self.expected_classes:
+            return f'not the paper\'s data: {self.classes} classes, not {self.expected_classes}'
+        return 'complete'
+
+
+def collect(runs: list[PaperRun], runs_dir: Path) -> dict[str, RowResult]:
+    """Every row that has at least one seed with a summary, each filled from its experiment's run directories."""
+    results = {}
+    for group in experiments(runs):
+        source = group[0].name
+        dirs = seed_runs(runs_dir, source)
+        if not dirs:
+            continue
+        config = yaml.safe_load((next(iter(dirs.values())) / 'config.yaml').read_text()) or {}
+        planned = group[0].args()
+        for run in group:
+            results[run.name] = RowResult(
+                run, source, {seed: read_summary(folder) for seed, folder in dirs.items()}, config.get('model', '?'),
+                1.0 if config.get('pgt_alpha') is None else float(config['pgt_alpha']), total_epochs(planned),
+                config.get('num_classes'), 10 if planned.dataset == 'cifar10' else 1000)
+    return results
+
+
+def fmt(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '–'
+    return f'{value:+.3f}' if signed else f'{value:.3f}'
+
+
+def spread(values: dict[int, float]) -> str:
+    s = summarize(list(values.values()))
+    return fmt(s.mean) if s.n < 2 else f'{fmt(s.mean)} ± {fmt(s.std)}'
+
+
+def paper_value(run: PaperRun, key: str) -> float | None:
+    return float(run.paper[key]) if run.paper.get(key) is not None else None
+
+
+def result_row(result: RowResult) -> dict:
+    """results.csv's row of a table row: full-precision means and standard deviations over seeds."""
+    train, test, best = (summarize(list(v.values())) for v in (
+        result.final('train_top1'), result.final('eval_top1'), result.best('eval_top1')))
+    paper_train, paper_test = paper_value(result.run, 'train_acc'), paper_value(result.run, 'test_acc')
+    complete = result.status == 'complete'
+    return {'table': result.run.table, 'row': result.run.name, 'run': result.source, 'model': result.model,
+            'alpha': result.alpha, 'seeds': ' '.join(map(str, sorted(result.seeds))), 'n_seeds': len(result.seeds),
+            'epochs_done': result.epochs_done, 'epochs_planned': result.planned_epochs, 'status': result.status,
+            'train_top1_mean': train.mean, 'train_top1_std': train.std, 'test_top1_mean': test.mean,
+            'test_top1_std': test.std, 'best_test_top1_mean': best.mean, 'best_test_top1_std': best.std,
+            'gap_mean': train.mean - test.mean, 'paper_train': paper_train, 'paper_test': paper_test,
+            'paper_gap': paper_train - paper_test if paper_train is not None and paper_test is not None else None,
+            'delta_paper_test': test.mean - paper_test if complete and paper_test is not None else None}
+
+
+def difference_row(result: RowResult, baseline: RowResult, baselines_paper: PaperRun | None) -> dict:
+    """differences.csv's row of a PGT row: PGT - baseline in test and train top-1, with 95% intervals."""
+    test = difference(result.final('eval_top1'), baseline.final('eval_top1'))
+    train = difference(result.final('train_top1'), baseline.final('train_top1'))
+    published = None
+    if baselines_paper is not None and paper_value(result.run, 'test_acc') is not None:
+        base_test = paper_value(baselines_paper, 'test_acc')
+        published = paper_value(result.run, 'test_acc') - base_test if base_test is not None else None
+    return {'table': result.run.table, 'row': result.run.name, 'baseline': baseline.run.name, 'method': test.method,
+            'n_pgt': len(result.seeds), 'n_baseline': len(baseline.seeds), 'delta_test': test.estimate,
+            'delta_test_low': test.low, 'delta_test_high': test.high, 'delta_train': train.estimate,
+            'delta_train_low': train.low, 'delta_train_high': train.high, 'published_delta_test': published,
+            'published_inside': None if published is None else test.contains(published)}
+
+
+def interval_text(row: dict, key: str) -> str:
+    low, high = row[f'{key}_low'], row[f'{key}_high']
+    if math.isnan(low):
+        return f'{fmt(row[key], True)} (one seed: no interval)'
+    return f'{fmt(row[key], True)} [{fmt(low, True)}, {fmt(high, True)}]'
+
+
+def results_markdown(title: str, rows: list[dict], results: dict[str, RowResult], tier: str) -> list[str]:
+    columns = ['row', 'model', 'α', 'seeds', 'epochs', 'train top-1', 'test top-1', 'best test', 'gap']
+    if tier == 'paper':
+        columns += ['paper train', 'paper test', 'paper gap', 'Δ paper (test)']
+    lines = [f'## {title}', '', '| ' + ' | '.join(columns + ['status']) + ' |', '|' + '---|' * (len(columns) + 1)]
+    for row in rows:
+        result = results[row['row']]
+        cells = [row['row'], row['model'], f"{row['alpha']:g}", row['seeds'] or '–',
+                 f"{row['epochs_done']}/{row['epochs_planned']}", spread(result.final('train_top1')),
+                 spread(result.final('eval_top1')), spread(result.best('eval_top1')), fmt(row['gap_mean'])]
+        if tier == 'paper':
+            cells += [fmt(row['paper_train']), fmt(row['paper_test']), fmt(row['paper_gap']),
+                      fmt(row['delta_paper_test'], True)]
+        lines.append('| ' + ' | '.join(cells + [row['status']]) + ' |')
+    return lines + ['']
+
+
+def differences_markdown(rows: list[dict], tier: str) -> list[str]:
+    if not rows:
+        return []
+    columns = ['row', 'baseline', 'seeds (PGT, baseline)', 'Δ train', 'Δ test [95% CI]', 'interval']
+    if tier == 'paper':
+        columns += ['published Δ test', 'published Δ inside the CI?']
+    lines = ['PGT against its baseline (PGT - baseline, top-1 points; 95% confidence interval over seeds):', '',
+             '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    for row in rows:
+        inside = {True: 'inside', False: 'outside', None: '–'}[row['published_inside']]
+        cells = [row['row'], row['baseline'], f"{row['n_pgt']}, {row['n_baseline']}", fmt(row['delta_train'], True),
+                 interval_text(row, 'delta_test'),
+                 {'paired': 'paired by seed', 'Welch': "Welch's t", 'one seed': 'none (one seed)'}[row['method']]]
+        if tier == 'paper':
+            cells += [fmt(row['published_delta_test'], True), inside]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines + ['']
+
+
+def grid_markdown(title: str, results: dict[str, RowResult], runs: list[PaperRun]) -> tuple[list[str], dict]:
+    """A table per grid recipe (alpha against train, test and gap), and the points of Fig. 2."""
+    lines, points = [f'## {title}', ''], {}
+    for recipe in dict.fromkeys(run.recipe for run in runs):
+        found = [results[r.name] for r in runs if r.recipe == recipe and r.name in results]
+        if not found:
+            continue
+        lines += [f'### {recipe.stem}', '', '| run | α | seeds | train top-1 | test top-1 | gap | status |',
+                  '|---|---|---|---|---|---|---|']
+        for result in found:
+            train = summarize(list(result.final('train_top1').values()))
+            test = summarize(list(result.final('eval_top1').values()))
+            lines.append(f'| {result.run.name} | {result.alpha:g} | {len(result.seeds)} | '
+                         f'{spread(result.final("train_top1"))} | {spread(result.final("eval_top1"))} | '
+                         f'{fmt(train.mean - test.mean)} | {result.status} |')
+            points.setdefault(f'{recipe.stem} ({found[0].model})', []).append((result.alpha, train.mean, test.mean))
+        lines.append('')
+    return lines, points
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with open(path, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def series(run_dir: Path) -> dict | None:
+    """Fig. 5's series of a run ({series: (steps, norms [steps, index])}) from its filter_norms.csv."""
+    path = run_dir / 'filter_norms.csv'
+    if not path.is_file():
+        return None
+    table: dict[str, dict[int, dict[int, float]]] = {}
+    with open(path, newline='') as f:
+        for r in csv.DictReader(f):
+            table.setdefault(r['series'], {}).setdefault(int(r['step']), {})[int(r['index'])] = float(r['norm'])
+    return {name: (np.array(sorted(steps)), np.array([[steps[s][i] for i in sorted(steps[s])] for s in sorted(steps)]))
+            for name, steps in table.items()}
+
+
+def figures_for_table(runs: list[PaperRun], results: dict[str, RowResult], every: dict[str, RowResult],
+                      out: Path, runs_dir: Path, tier: str) -> list[Path]:
+    """Fig. 3 for each PGT row whose baseline ran (the baseline may be in another table), and Fig. 5 where both
+    runs recorded the filter-norm series."""
+    paths = []
+    for run in runs:
+        base = run.paper.get('baseline')
+        if run.name not in results or base not in every or base == run.name:
+            continue
+        rows = {name: list(every[name].seeds.values()) for name in (base, run.name)}
+        published = {name: every[name].run.paper for name in rows} if tier == 'paper' else None
+        fig = accuracy_curves_figure(rows, f'{run.name} against {base}', published)
+        paths += save_figure(fig, out / f'fig3-{run.name}')
+        norms = {name: series(next(iter(seed_runs(runs_dir, every[name].source).values()))) for name in rows}
+        if all(norms.values()):
+            paths += save_figure(filter_norms_figure(norms), out / f'fig5-{run.name}')
+    return paths
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    runs_dir, out = Path(args.runs), Path(args.out)
+    if not runs_dir.is_dir():
+        raise UsageError(f'runs folder not found: {runs_dir}')
+    every_run = [run for table in TABLES for run in paper_runs(table, args.tier)]
+    every = collect(every_run, runs_dir)
+    if not every:
+        raise UsageError(f'{runs_dir}: no run directory named after a row of the {args.tier} tier (e.g. '
+                         f'resnet18-cosine-pgt)')
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [f'# PGT reproduction report ({args.tier} tier)', '']
+    figures, result_rows, difference_rows, grids = [], [], [], {}
+    for table in TABLES:
+        runs = [run for run in every_run if run.table == table]
+        results = {run.name: every[run.name] for run in runs if run.name in every}
+        if not results:
+            continue
+        if table in GRID_TABLES:
+            lines, points = grid_markdown(TITLES[table], results, runs)
+            sections += lines
+            grids.update(points)
+            continue
+        rows = [result_row(results[run.name]) for run in runs if run.name in results]
+        diffs = [difference_row(results[run.name], every[run.paper['baseline']],
+                                next((r for r in every_run if r.name == run.paper['baseline']), None))
+                 for run in runs if run.name in results and run.paper.get('baseline') in every
+                 and run.paper['baseline'] != run.name]
+        sections += results_markdown(TITLES[table], rows, results, args.tier) + differences_markdown(diffs, args.tier)
+        result_rows += rows
+        difference_rows += diffs
+        figures += figures_for_table(runs, results, every, out, runs_dir, args.tier)
+    if grids:
+        figures += save_figure(grid_figure(grids), out / 'fig2-grid')
+    if args.validate_json:
+        sweep = [json.loads(Path(f).read_text()) for f in args.validate_json]
+        if len(sweep) < 2:
+            raise UsageError('an alpha sweep needs validate.py JSON of at least two checkpoints')
+        fig, _ = alpha_sweep_figure(sweep)
+        figures += save_figure(fig, out / 'fig6-alpha-sweep')
+    write_csv(out / 'results.csv', result_rows)
+    write_csv(out / 'differences.csv', difference_rows)
+    sections += ['## Figures', ''] + [f'![{p.stem}]({p.name})' for p in figures if p.suffix == '.png']
+    (out / 'report.md').write_text('\n'.join(sections) + '\n')
+    print(f'wrote {out / "report.md"}, results.csv, differences.csv and {len(figures) // 2} figure(s)')
+    return 0
+
+
+def cli() -> None:
+    """The ``pgt-report`` console command (and ``python scripts/report.py``)."""
+    run_cli(main)
+
+
+if __name__ == '__main__':
+    cli()

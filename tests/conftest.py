@@ -52,9 +52,9 @@ def paper_pair(tiny_data, tmp_path_factory):
     """Two short real runs named after a Table 1 pair: the smoke recipe at alpha 1 and at alpha 0.3."""
     runs = tmp_path_factory.mktemp('paper-runs')
     for name, alpha in (('resnet18-cosine-baseline', '1.0'), ('resnet18-cosine-pgt', '0.3')):
-        run_script('train.py', '--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data,
-                   '--output', runs / name, '--epochs', 2, '--cooldown-epochs', 0, '--pgt-alpha', alpha,
-                   '--pgt-start-epoch', 0, check=True)
+        train_in_process('--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data, '--output',
+                         runs / name, '--epochs', 2, '--cooldown-epochs', 0, '--pgt-alpha', alpha,
+                         '--pgt-start-epoch', 0, '--workers', 0)
     return runs
 
 

@@ -199,3 +199,9 @@ def test_validate_with_dali_agrees_with_torch(paper_pair, tiny_data):
         results[backend] = json.loads(result.stdout)
     assert results['dali']['images'] == results['torch']['images'] == 80
     assert abs(results['dali']['top1'] - results['torch']['top1']) <= 2.5  # at most 2 of 80 images
+
+
+def test_val_img_size_changes_only_evaluation(tiny_data):
+    loaders = build_dali_loaders(dali_args(tiny_data, val_img_size=48), 0, 1, torch.device('cpu'))
+    assert next(iter(loaders.train))[0].shape[-2:] == (32, 32)
+    assert next(iter(loaders.val))[0].shape[-2:] == (48, 48)

@@ -1,6 +1,7 @@
 """Diagnostics against brute-force float64 computations from the thesis's definitions, on a tiny network."""
 import csv
 import itertools
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm.layers import convert_sync_batchnorm
 
 import pgt.models  # noqa: F401
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, train_in_process
 from pgt import PowerGradCrossEntropy, power_grad_cross_entropy
 from pgt.diagnostics import (Diagnostics, GradientMask, count_zeroed_filters, dead_pooled_features, filter_norms,
                              gradient_coherence, gradient_confusion, gradient_diversity, micro_batch_gradients,
@@ -147,9 +148,9 @@ def diagnostics_runs(tiny_data, tmp_path_factory):
     runs = tmp_path_factory.mktemp('diag')
     common = ['--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data, '--epochs', 2,
               '--cooldown-epochs', 0, '--workers', 0]
-    run_script('train.py', *common, '--output', runs / 'off', check=True)
-    run_script('train.py', *common, '--output', runs / 'on', '--diagnostics', '--diagnostics-interval', 3,
-               '--diagnostics-mask', 0.25, check=True)
+    train_in_process(*common, '--output', runs / 'off')
+    train_in_process(*common, '--output', runs / 'on', '--diagnostics', '--diagnostics-interval', 3,
+                     '--diagnostics-mask', 0.25)
     return runs
 
 
@@ -173,12 +174,15 @@ def test_tensorboard_and_csv_hold_the_diagnostics(diagnostics_runs):
     assert all(float(r['gradient_diversity']) > 0 and 0 <= float(r['gradient_confusion']) <= 1 for r in rows)
 
 
-def test_alpha_sweep_draws_three_figures(paper_pair, tiny_data, tmp_path):
+def test_alpha_sweep_draws_fig6_from_checkpoints(paper_pair, tiny_data, tmp_path):
     checkpoints = [paper_pair / name / 'last.pth' for name in ('resnet18-cosine-baseline', 'resnet18-cosine-pgt')]
     result = run_script('scripts/alpha_sweep.py', '--checkpoints', *checkpoints, '--data-dir', tiny_data,
                         '--out', tmp_path, check=True)
-    figures = [line for line in result.stdout.splitlines() if line.endswith('.png')]
-    assert len(figures) == 3 and all((tmp_path / f.split('/')[-1]).stat().st_size > 1000 for f in figures)
+    assert result.stdout.splitlines()[:2] == [str(tmp_path / 'fig6-alpha-sweep.png'),
+                                              str(tmp_path / 'fig6-alpha-sweep.pdf')]
+    assert all((tmp_path / f'fig6-alpha-sweep.{suffix}').stat().st_size > 1000 for suffix in ('png', 'pdf'))
+    assert re.fullmatch(r'loss = \S+ x logit norm \+ \S+ \(R\^2 = 1.000\)', result.stdout.splitlines()[2])  # 2 points
+    assert len(list(tmp_path.glob('validate-*.json'))) == 2
 
 
 # ---- the papers' Fig. 5 series

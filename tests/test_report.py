@@ -245,3 +245,17 @@ def test_report_of_real_runs_with_two_seeds_each(tiny_data, tmp_path):
     with open(runs / 'resnet18-cosine-pgt' / 'seed0' / 'filter_norms.csv', newline='') as f:
         series = {row['series'] for row in csv.DictReader(f)}
     assert series == {'layer11', 'layer19', 'pooled'}
+
+
+def test_the_budget_tier_has_its_own_tables_without_the_papers_columns(tmp_path):
+    runs, out = tmp_path / 'runs', tmp_path / 'report'
+    for row, (model, alpha, seeds) in list(SEEDED.items())[:2]:
+        for seed, (train, test) in seeds.items():
+            synthetic_run(runs / row / f'seed{seed}', train, test, epochs=20, model=model, alpha=alpha, seed=seed)
+    assert report.main(['--runs', str(runs), '--out', str(out), '--tier', 'budget']) == 0
+    text = (out / 'report.md').read_text()
+    assert text.startswith('# PGT reproduction report (budget tier)') and 'paper test' not in text
+    assert 'published Δ' not in text and 'Δ paper' not in text
+    cells = markdown_rows(text, 'resnet18-cosine-pgt')[0]
+    assert cells[4] == '20/20' and cells[-1] == 'complete'
+    assert 'paired by seed' in markdown_rows(text, 'resnet18-cosine-pgt')[1]

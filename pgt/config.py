@@ -376,9 +376,9 @@ FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)
 }
 INT_MINIMA = {'batch_size': 1, 'grad_accum_steps': 1, 'epochs': 1, 'log_interval': 1, 'max_skipped_steps': 1,
               'img_size': 1, 'val_img_size': 1, 'synthetic_steps': 1, 'lr_base_size': 1, 'signal_check_interval': 1,
-              'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1, 'workers': 0, 'seed': 0, 'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0,
-              'recovery_interval': 0, 'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0,
-              'diagnostics_layers': 0}
+              'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1, 'workers': 0, 'seed': 0,
+              'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0, 'recovery_interval': 0,
+              'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0, 'diagnostics_layers': 0}
 
 
 def check_values(args: argparse.Namespace) -> None:

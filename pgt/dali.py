@@ -4,11 +4,10 @@
 The same data as the torch backend: labels from torchvision's ImageFolder scan of the same tree (sorted class
 folders), so checkpoints move between backends; training random-resized-crop (``--scale``, ``--ratio``), resize to
 ``--img-size`` with linear interpolation, horizontal flip ``--hflip``; evaluation resize of the shorter side to
-val_img_size / crop_pct and a centre crop. The pipelines end in uint8 (HWC with --channels-last, else CHW) and the
-normalisation happens on the device, as for the torch backend (pgt.data.device_loader). Two differences to know: DALI
-always uses linear interpolation and no colour jitter (the published pipeline's choices, which the paper recipes also
-set), and exact mid-epoch resume is a property of the torch backend only (DALI's reader order is not restartable at a
-sample).
+val_img_size / crop_pct and a centre crop. The pipelines end in uint8 CHW and the normalisation happens on the
+device, as for the torch backend (pgt.data.device_loader). Two differences to know: DALI always uses linear
+interpolation and no colour jitter (the published pipeline's choices, which the paper recipes also set), and exact
+mid-epoch resume is a property of the torch backend only (DALI's reader order is not restartable at a sample).
 
 Order and sharding: DALI's reader reshuffles the whole list every epoch (``shuffle_after_epoch``) with a seed of its
 own (a constant plus the epoch; its ``seed`` argument does not reach that shuffle), so the file list is first
@@ -99,7 +98,6 @@ def seeded_order(files: list, labels: list, seed: int) -> tuple[list, list]:
 
 def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, gpu: bool, device_id):
     fn, pipeline_def, types, _, _ = _import_dali()
-    layout = 'HWC' if getattr(args, 'channels_last', False) else 'CHW'
     decoder_device = 'mixed' if gpu else 'cpu'
 
     @pipeline_def
@@ -116,12 +114,12 @@ def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, g
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                                antialias=False)
             mirror = fn.random.coin_flip(probability=args.hflip)
-            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout='CHW', mirror=mirror)
         else:
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=math.floor(size / args.crop_pct),
                                interp_type=types.INTERP_LINEAR)
-            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, crop=(size, size),
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout='CHW', crop=(size, size),
                                               crop_pos_x=0.5, crop_pos_y=0.5)
         return images, label
 
@@ -162,8 +160,6 @@ class DaliLoader:
             for i, batch in batches:
                 if self.skip <= i < self.steps:
                     images, labels = batch[0]['data'], batch[0]['label']
-                    if images.dim() == 4 and images.shape[-1] == 3:  # HWC: NCHW view with channels-last strides
-                        images = images.permute(0, 3, 1, 2)
                     yield images, labels.squeeze(-1).long()
         except RuntimeError as error:
             if 'pipeline' not in str(error):

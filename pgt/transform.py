@@ -94,35 +94,68 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_sample
 
 
-def _scaled_logits(z: torch.Tensor, logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha z in float32, for the backward's softmax(alpha z). In place on ``z`` when it is already a float32 copy
-    of half-precision logits (one pass), out of place when ``z`` is the caller's float32 tensor itself."""
-    return z.mul_(alpha) if z is not logits else z * alpha
-
-
-def _chain(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Multiply dL_n/dz_n (in place) by the incoming gradient of the reduced loss: 1/N of it for 'mean'."""
-    grad_output = grad_output.float()
+def _chain(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, dtype: torch.dtype,
+           shift: float = 0.0) -> torch.Tensor:
+    """k (grad + shift) in ``dtype``, in place on ``grad``; k is the incoming gradient of the reduced loss (1/N of it
+    for 'mean') and stays a device tensor (no read back to the host). (A fused addcmul, or a multiplication written
+    straight into a bfloat16 output, takes a CPU kernel's slow mixed path and costs more than these passes.)"""
+    k = grad_output.float()
     if reduction == 'mean':
-        return grad.mul_(grad_output / grad.shape[-2])
-    if reduction == 'sum':
-        return grad.mul_(grad_output)
-    return grad.mul_(grad_output.unsqueeze(-1))
+        k = k / grad.shape[-2]
+    elif reduction == 'none':
+        k = k.unsqueeze(-1)
+    if shift:
+        grad.add_(shift)
+    return grad.mul_(k).to(dtype)
 
 
-# Both autograd functions are written in the ``setup_context`` form with ``generate_vmap_rule`` so that torch.func
-# transforms (per-example gradients with vmap, as the diagnostics use) and torch.compile trace through them.
+# Autograd functions come in two forms here. The ``setup_context`` form with ``generate_vmap_rule`` is what torch.func
+# transforms need (per-example gradients with vmap in pgt.diagnostics); its ``apply`` binds arguments in Python and
+# costs about 30 us more per call on a CPU than the classic ``forward(ctx, ...)`` form, half the cost of a whole
+# cross-entropy on a small batch. The training step therefore takes the classic form, which torch.compile traces as
+# well, and only code running under a torch.func transform takes the other. Both share the math below.
+
+def _soft_forward(logits, q, reduction):
+    return _reduce(-(q * torch.log_softmax(logits.float(), dim=-1)).sum(-1), reduction)
+
+
+def _soft_backward(logits, q, alpha, reduction, grad_output):
+    z = logits.float()
+    grad = torch.softmax(z.mul_(alpha) if z is not logits else z * alpha, dim=-1).sub_(q)
+    return _chain(grad, grad_output, reduction, logits.dtype)
+
+
+def _indices_forward(logits, index, alpha, smoothing, reduction):
+    """L_n = -(1 - s) log p_{n, y_n} - (s / C) sum_j log p_{n, j}, and alpha log p in float32 for the backward.
+
+    softmax is unchanged by a constant added to a row, so softmax(alpha log p) = softmax(alpha z - alpha lse(z)) =
+    softmax(alpha z): the backward's input is written over the log-probabilities once the loss is taken, and no
+    second [N, C] buffer is allocated (on a CPU a fresh large buffer costs page faults, since freed large blocks go
+    back to the operating system)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    per_sample = log_p.gather(-1, index).squeeze(-1).mul_(smoothing - 1.0)
+    if smoothing:
+        per_sample.sub_(log_p.mean(-1), alpha=smoothing)
+    return _reduce(per_sample, reduction), log_p.mul_(alpha)
+
+
+def _indices_backward(scaled, index, smoothing, reduction, dtype, grad_output):
+    """dL_n/dz_n = softmax(alpha z_n) - q_n (Eq. 5-6): 1 - s taken at y_n (a scatter of N values), s / C everywhere
+    (the shift of _chain)."""
+    grad = torch.softmax(scaled, dim=-1)
+    grad.scatter_add_(-1, index, torch.full(index.shape, smoothing - 1.0, dtype=grad.dtype, device=grad.device))
+    return _chain(grad, grad_output, reduction, dtype, -smoothing / grad.shape[-1])
+
 
 class _PowerGradCrossEntropy(torch.autograd.Function):
     """Soft targets q [N, C] (mixup/cutmix). Forward: L_n = -sum_i q_i log p_i. Backward: softmax(alpha z) - q
-    (Eq. 5-6), times the incoming gradient, in float32. (One output: the logits are saved as they are and cast again
-    in the backward; mixup is not the hot path this suite's recipes take.)"""
+    (Eq. 5-6), times the incoming gradient, in float32. Saves the logits as they are and casts them again in the
+    backward: mixup is not the hot path this suite's recipes take, so only the torch.func form exists."""
     generate_vmap_rule = True
 
     @staticmethod
     def forward(logits, q, alpha, reduction):
-        per_sample = -(q * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-        return _reduce(per_sample, reduction)
+        return _soft_forward(logits, q, reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -133,47 +166,58 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         logits, q = ctx.saved_tensors
-        grad = torch.softmax(_scaled_logits(logits.float(), logits, ctx.alpha), dim=-1).sub_(q)
-        return _chain(grad, grad_output, ctx.reduction).to(logits.dtype), None, None, None
+        return _soft_backward(logits, q, ctx.alpha, ctx.reduction, grad_output), None, None, None
 
 
 class _PowerGradCrossEntropyIndices(torch.autograd.Function):
-    """Class-index targets y [N] with label smoothing s; q = (1 - s) one_hot(y) + s / C is never materialised.
+    """Class-index targets y [N] (as an [N, 1] int64 index) with label smoothing s; q = (1 - s) one_hot(y) + s / C
+    is never materialised. Forward: one log-softmax and a gather; backward: one softmax of alpha log p (the forward's
+    buffer, reused), a scatter of N values, the chain rule in place and one cast. Every pass over [N, C] runs in
+    float32 whatever the autocast dtype. The classic form, for the training step."""
 
-    Forward:  L_n = -(1 - s) log p_{n, y_n} - (s / C) sum_j log p_{n, j}          (= -sum_i q_i log p_i)
-    Backward: dL_n/dz_n = softmax(alpha z_n) - q_n (Eq. 5-6), built in place on the softmax: s / C subtracted
-    everywhere (with smoothing), 1 - s at y_n (a scatter), then the chain-rule factor and one cast to the logits'
-    dtype. Every pass over [N, C] runs in float32 whatever the autocast dtype.
-    """
+    @staticmethod
+    def forward(ctx, logits, index, alpha, smoothing, reduction):
+        loss, scaled = _indices_forward(logits, index, alpha, smoothing, reduction)
+        ctx.save_for_backward(scaled, index)
+        ctx.dtype, ctx.smoothing, ctx.reduction = logits.dtype, smoothing, reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled, index = ctx.saved_tensors
+        grad = _indices_backward(scaled, index, ctx.smoothing, ctx.reduction, ctx.dtype, grad_output)
+        return grad, None, None, None, None
+
+
+class _PowerGradCrossEntropyIndicesFunc(torch.autograd.Function):
+    """The same as _PowerGradCrossEntropyIndices in the form torch.func transforms accept: alpha log p leaves the
+    forward as a second, non-differentiable output because this form may save only inputs and outputs."""
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, target, alpha, smoothing, reduction):
-        z = logits.float()
-        log_p = torch.log_softmax(z, dim=-1)
-        per_sample = -(1.0 - smoothing) * log_p.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
-        if smoothing:
-            per_sample = per_sample - smoothing * log_p.mean(-1)
-        return _reduce(per_sample, reduction), _scaled_logits(z, logits, alpha)
+    def forward(logits, index, alpha, smoothing, reduction):
+        return _indices_forward(logits, index, alpha, smoothing, reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, alpha, smoothing, reduction = inputs
+        logits, index, alpha, smoothing, reduction = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(output[1], target)
+        ctx.save_for_backward(output[1], index)
         ctx.dtype, ctx.smoothing, ctx.reduction = logits.dtype, smoothing, reduction
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        scaled, target = ctx.saved_tensors
-        grad = torch.softmax(scaled, dim=-1)
-        if ctx.smoothing:
-            grad.sub_(ctx.smoothing / grad.shape[-1])
-        index = target.long().unsqueeze(-1)
-        grad.scatter_add_(-1, index, torch.full(index.shape, ctx.smoothing - 1.0, dtype=grad.dtype,
-                                                device=grad.device))
-        return _chain(grad, grad_output, ctx.reduction).to(ctx.dtype), None, None, None, None
+        scaled, index = ctx.saved_tensors
+        grad = _indices_backward(scaled, index, ctx.smoothing, ctx.reduction, ctx.dtype, grad_output)
+        return grad, None, None, None, None
+
+
+def _under_torch_func() -> bool:
+    """True inside vmap/grad/jacrev (torch's own test for choosing an autograd.Function's path; if a later torch
+    drops it, the torch.func form, correct everywhere, is taken always)."""
+    active = getattr(torch._C, '_are_functorch_transforms_active', None)
+    return active is None or active()
 
 
 def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float, smoothing: float = 0.0,
@@ -200,7 +244,10 @@ def power_grad_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: 
                                label_smoothing=0.0 if soft else smoothing)
     if target.dim() == 2:
         return _PowerGradCrossEntropy.apply(logits, target.float(), alpha, reduction)
-    return _PowerGradCrossEntropyIndices.apply(logits, target, alpha, smoothing, reduction)[0]
+    index = target.long().unsqueeze(-1)
+    if _under_torch_func():
+        return _PowerGradCrossEntropyIndicesFunc.apply(logits, index, alpha, smoothing, reduction)[0]
+    return _PowerGradCrossEntropyIndices.apply(logits, index, alpha, smoothing, reduction)
 
 
 class PowerGradCrossEntropy(torch.nn.Module):

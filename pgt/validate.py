@@ -54,7 +54,8 @@ def parse_args(argv):
     data.add_argument('--interpolation', default=None)
     data.add_argument('--mean', type=float, nargs=3, default=None)
     data.add_argument('--std', type=float, nargs=3, default=None)
-    data.add_argument('-b', '--batch-size', type=int, default=None, help='default: the training per-GPU batch, else 128')
+    data.add_argument('-b', '--batch-size', type=int, default=None,
+                      help='default: the training per-GPU batch, else 128')
     data.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1))
     run = p.add_argument_group('run')
     run.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,

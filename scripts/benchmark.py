@@ -27,6 +27,7 @@ Temporary trees and run folders are removed, whatever happens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -52,7 +53,7 @@ from pgt.runlog import read_summary
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {'float32': None, **AMP_DTYPES}
 TINY = dict(models=['resnet18'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
-            generate=48, loss_shapes=['16x10'], rounds=3)
+            generate=48, loss_shapes=['16x10'], rounds=3, repeats=1)
 
 
 def parse_args(argv):
@@ -83,7 +84,7 @@ def parse_args(argv):
     p.add_argument('--against-timm', metavar='TRAIN_PY', help="e2e: time timm's train.py (this path) against train.py")
     p.add_argument('--timm-args', default='', help="e2e --against-timm: extra arguments for timm's train.py")
     p.add_argument('--e2e-epochs', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=3, help='e2e --against-timm: alternating runs of each')
+    p.add_argument('--repeats', type=int, default=3, help='loader, e2e --against-timm: alternating runs of each')
     p.add_argument('--json', metavar='FILE', help='also write the results as JSON')
     p.add_argument('--debug', action='store_true')
     args = p.parse_args(argv)
@@ -166,7 +167,11 @@ def bench_step(args) -> list[dict]:
 
 
 def bench_loss(args) -> list[dict]:
-    """PGT's forward and backward against F.cross_entropy's on the same logits, in alternating rounds."""
+    """PGT's forward and backward against F.cross_entropy's on the same logits, in alternating rounds.
+
+    Half-precision logits are timed under autocast, as the training step (and timm's train.py) calls the loss:
+    autocast runs F.cross_entropy in float32 there. ``ce_native_ms`` is F.cross_entropy outside autocast, in the
+    logits' own dtype, which no training step runs; it is reported for completeness."""
     device, _ = device_and_dtypes(args)
     results = []
     for shape in args.loss_shapes:
@@ -176,21 +181,27 @@ def bench_loss(args) -> list[dict]:
             gen = torch.Generator().manual_seed(0)
             logits = (3 * torch.randn(n, c, generator=gen)).to(device=device, dtype=dtype)
             target = torch.randint(0, c, (n,), generator=gen).to(device)
+            autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                        else contextlib.nullcontext())
             losses = {'ce': lambda z: F.cross_entropy(z, target),
                       'pgt': lambda z: power_grad_cross_entropy(z, target, args.alpha, check_targets=False)}
-            times = {'ce': [], 'pgt': []}
+            if dtype != torch.float32:
+                losses['ce_native'] = losses['ce']  # run outside autocast, below
+            times = {name: [] for name in losses}
             for round_ in range(args.rounds + 1):  # round 0 warms up
-                for name, loss in losses.items():
+                for name, loss_fn in losses.items():
                     start = time.perf_counter()
                     for _ in range(10):
                         leaf = logits.detach().requires_grad_(True)
-                        loss(leaf).backward()
+                        with contextlib.nullcontext() if name == 'ce_native' else autocast:
+                            loss = loss_fn(leaf)
+                        loss.backward()
                     synchronize(device)
                     if round_:
                         times[name].append((time.perf_counter() - start) / 10)
-            ce, pgt = statistics.median(times['ce']), statistics.median(times['pgt'])
+            ms = {f'{name}_ms': 1e3 * statistics.median(values) for name, values in times.items()}
             results.append({'mode': 'loss', 'shape': shape, 'dtype': dtype_name, 'device': device_name(device),
-                            'ce_ms': 1e3 * ce, 'pgt_ms': 1e3 * pgt, 'pgt_over_ce': pgt / ce, 'rounds': args.rounds})
+                            **ms, 'pgt_over_ce': ms['pgt_ms'] / ms['ce_ms'], 'rounds': args.rounds})
     return results
 
 
@@ -277,35 +288,50 @@ def training_loader(args, data_dir, backend, device):
     return build_loaders(options, 0, 1, device).train
 
 
+def loader_rate(args, data_dir, backend, device) -> float:
+    """Images/s of one backend's training loader over --loader-batches batches, the first (start-up) not timed."""
+    loader = training_loader(args, data_dir, backend, device)
+    count, start, total = 0, None, 0
+    for epoch in range(1000):
+        if hasattr(loader.sampler, 'set_epoch'):
+            loader.sampler.set_epoch(epoch)
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True)
+            count += 1
+            if count == 2:  # the first batch carries start-up (workers, pipeline build)
+                synchronize(device)
+                start = time.perf_counter()
+            elif count > 2:
+                total += images.shape[0]
+            if count > args.loader_batches:
+                break
+        if count > args.loader_batches:
+            break
+    synchronize(device)
+    rate = total / (time.perf_counter() - start) if start else 0.0
+    del loader  # stops its persistent workers before the next backend (or the temporary tree) goes
+    return rate
+
+
 def bench_loader(args, data_dir) -> list[dict]:
+    """Each backend --repeats times, in alternation (drift of a shared machine hits all alike); medians."""
     device, _ = device_and_dtypes(args)
+    rates, errors = {backend: [] for backend in args.backends}, {}
+    for _ in range(args.repeats):
+        for backend in args.backends:
+            if backend in errors:
+                continue
+            try:
+                rates[backend].append(loader_rate(args, data_dir, backend, device))
+            except UsageError as error:
+                errors[backend] = str(error)
     results = []
     for backend in args.backends:
         row = {'mode': 'loader', 'backend': backend, 'batch_size': args.batch_size, 'workers': args.workers}
-        try:
-            loader = training_loader(args, data_dir, backend, device)
-        except UsageError as error:
-            results.append({**row, 'error': str(error)})
-            continue
-        count, start, total = 0, None, 0
-        for epoch in range(1000):
-            if hasattr(loader.sampler, 'set_epoch'):
-                loader.sampler.set_epoch(epoch)
-            for images, _ in loader:
-                images = images.to(device, non_blocking=True)
-                count += 1
-                if count == 2:  # the first batch carries start-up (workers, pipeline build)
-                    synchronize(device)
-                    start = time.perf_counter()
-                elif count > 2:
-                    total += images.shape[0]
-                if count > args.loader_batches:
-                    break
-            if count > args.loader_batches:
-                break
-        synchronize(device)
-        results.append({**row, 'img_per_sec': total / (time.perf_counter() - start) if start else 0.0})
-        del loader  # stops its persistent workers before the next backend (or the temporary tree) goes
+        if backend in errors:
+            results.append({**row, 'error': errors[backend]})
+        else:
+            results.append({**row, 'img_per_sec': statistics.median(rates[backend]), 'repeats': len(rates[backend])})
     reference = next((r['img_per_sec'] for r in results if r['backend'] == 'reference' and 'error' not in r), None)
     for row in results:
         if reference and 'img_per_sec' in row:
@@ -375,10 +401,12 @@ def bench_against_timm(args, data_dir) -> list[dict]:
                     subprocess.run(command, check=True, capture_output=True, cwd=tmp,
                                    env={**os.environ, 'PYTHONUNBUFFERED': '1'})
                     times[name].append(time.perf_counter() - start)
-        ours, theirs = statistics.median(times['pgt']), statistics.median(times['timm'])
+        ratios = [ours / theirs for ours, theirs in zip(times['pgt'], times['timm'])]
         results.append({'mode': 'e2e-vs-timm', 'model': model_name, 'batch_size': args.batch_size,
                         'img_size': args.img_size, 'epochs': args.e2e_epochs, 'workers': args.workers,
-                        'train_py_seconds': ours, 'timm_seconds': theirs, 'ratio': ours / theirs,
+                        'train_py_seconds': statistics.median(times['pgt']),
+                        'timm_seconds': statistics.median(times['timm']),
+                        'ratio': statistics.median(ratios),  # pair by pair: drift of the machine cancels
                         'runs': times})
     return results
 

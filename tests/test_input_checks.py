@@ -209,7 +209,8 @@ def test_sync_batch_norm_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path
                                              '--global-batch-size', 32, '--workers', 0, '--sync-bn'),
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    refusal = "error: --sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on the cpu; leave it out"
+    refusal = ("error: --sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on the cpu; "
+               "leave it out")
     assert result.stderr.count(refusal) == 2  # each rank once (their lines may interleave on the shared stderr)
     assert '/pgt/' not in result.stderr  # no frame of ours: the traceback there is torchrun's agent's
     assert not (tmp_path / 'run').exists()

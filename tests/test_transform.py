@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from pgt import PowerGradCrossEntropy, power_grad_cross_entropy, power_transform, stationary_threshold
-from pgt.transform import _PowerGradCrossEntropy, _PowerGradCrossEntropyIndices, target_distribution
+from pgt.transform import (_PowerGradCrossEntropy, _PowerGradCrossEntropyIndices, _PowerGradCrossEntropyIndicesFunc,
+                           target_distribution)
 from references import ce_loss64, pgt_grad64, published_hook, q64, rel_err
 
 ALPHAS = [0.0, 0.05, 0.25, 0.3, 0.92, 1.0]
@@ -149,11 +150,25 @@ def test_alpha_one_is_plain_cross_entropy_in_both_paths():
         _, fast = logits_grad(logits, target, 1.0, smoothing)
         general = logits.clone().requires_grad_(True)  # the transform's own backward at alpha = 1
         _PowerGradCrossEntropy.apply(general, target_distribution(target, 100, smoothing), 1.0, 'mean').backward()
-        indices = logits.clone().requires_grad_(True)  # and that of the index-target path, which builds no q
-        _PowerGradCrossEntropyIndices.apply(indices, target, 1.0, smoothing, 'mean')[0].backward()
+        indices = logits.clone().requires_grad_(True)  # and those of the index-target paths, which build no q
+        _PowerGradCrossEntropyIndices.apply(indices, target.unsqueeze(1), 1.0, smoothing, 'mean').backward()
+        func_form = logits.clone().requires_grad_(True)
+        _PowerGradCrossEntropyIndicesFunc.apply(func_form, target.unsqueeze(1), 1.0, smoothing, 'mean')[0].backward()
         assert (fast - ce_logits.grad).abs().max() < 1e-7
         assert (general.grad - ce_logits.grad).abs().max() < 1e-7
         assert (indices.grad - ce_logits.grad).abs().max() < 1e-7
+        assert (func_form.grad - ce_logits.grad).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize('kind', ['index', 'smoothed', 'soft'])
+def test_per_example_gradients_under_vmap_match_float64_reference(kind):
+    """Under torch.func (the diagnostics' per-example gradients) the loss takes its other autograd form."""
+    gen = torch.Generator().manual_seed(5)
+    logits = 3 * torch.randn(6, 50, generator=gen)
+    target, smoothing = make_target(kind, 6, 50, gen)
+    one = lambda z, t: power_grad_cross_entropy(z.unsqueeze(0), t.unsqueeze(0), 0.3, smoothing, check_targets=False)
+    grads = torch.func.vmap(torch.func.grad(one))(logits, target)
+    assert rel_err(grads, pgt_grad64(logits, target, 0.3, smoothing, 'sum')) < FLOAT32_SOFTMAX_TOL
 
 
 def test_alpha_zero_sends_uniform_minus_q():

@@ -1,8 +1,6 @@
 """scripts/benchmark.py in its --tiny setting: every mode runs, reports its fields, and leaves no folder behind."""
 import json
 
-import pytest
-
 from conftest import run_script
 
 
@@ -10,7 +8,10 @@ def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_direc
     scratch = tmp_path / 'tmp'
     scratch.mkdir()
     out = tmp_path / 'bench.json'
-    run_script('scripts/benchmark.py', 'all', '--tiny', '--json', out, env={'TMPDIR': str(scratch)}, check=True)
+    # torch makes its compile cache under TMPDIR when importing timm, unless the variable below is set (as it is when
+    # the test process has imported timm first): pin it outside, so that only what benchmark.py leaves is looked at.
+    env = {'TMPDIR': str(scratch), 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'torch-cache')}
+    run_script('scripts/benchmark.py', 'all', '--tiny', '--json', out, env=env, check=True)
     assert not list(scratch.iterdir())  # the generated JPEG tree and every run folder were removed
     report = json.loads(out.read_text())
     assert {'date', 'argv', 'torch', 'results'} <= set(report)
@@ -23,9 +24,9 @@ def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_direc
     assert abs(step['pgt_overhead_pct'] - 100 * (step['ce_img_per_sec'] / step['pgt_img_per_sec'] - 1)) < 1e-9
     losses = {row['dtype']: row for row in by_mode['loss']}
     for row in losses.values():
-        assert row['shape'] == '16x10' and row['ce_ms'] > 0
-        assert row['pgt_over_ce'] == pytest.approx(row['pgt_ms'] / row['ce_ms'], rel=1e-12)
+        assert row['shape'] == '16x10' and row['pgt_over_ce'] == row['pgt_ms'] / row['ce_ms'] and row['ce_ms'] > 0
     assert set(losses) == {'float32', 'bfloat16'}
+    assert losses['bfloat16']['ce_native_ms'] > 0 and 'ce_native_ms' not in losses['float32']  # outside autocast
     loaders = {row['backend']: row for row in by_mode['loader']}
     for backend in ('torch', 'torch-unseeded', 'reference', 'dali-cpu'):
         assert loaders[backend]['img_per_sec'] > 0, backend

@@ -29,8 +29,8 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ from .errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ('state_dict', 'optimizer', 'epoch', 'step')
-CRASH_ENV = 'PGT_CRASH_WRITING'
 
 
 class CheckpointWriteError(RunError):
@@ -104,22 +103,10 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f'.{path.name}.tmp')
 
 
-_crash_counts: dict[str, int] = {}  # writes of each file name so far in this process (PGT_CRASH_WRITING)
-
-
-def _crash_here_if_asked(path: Path, data: memoryview | None, f) -> None:
-    """Fault injection for the crash tests: ``PGT_CRASH_WRITING=last.pth:2`` kills this process with SIGKILL half-way
-    through the second write of last.pth, as a node failure would (a partial temporary file is left behind); for a
-    file that is a hard link (``data`` None), after the link is made and before it is renamed into place."""
-    name, _, nth = os.environ.get(CRASH_ENV, '').partition(':')
-    if name != path.name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] == int(nth or 1):
-        if data is not None:
-            f.write(data[:len(data) // 2])
-            f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+# The one seam for fault injection: when set (by tests/crash_writing.py), called as the bytes of a file of the run are
+# about to be written, with the path, the open temporary file and the data; for a file that is a hard link, once the
+# link is made and before it is renamed into place, with None for both.
+before_write: Callable[[Path, BinaryIO | None, memoryview | None], None] | None = None
 
 
 def _failure(path: Path, error: BaseException) -> CheckpointWriteError:
@@ -132,7 +119,8 @@ def _write_temp(path: Path, data: memoryview) -> Path:
     """Write ``data`` to ``path``'s temporary file and fsync it; returns the temporary path."""
     tmp = temp_path(path)
     with open(tmp, 'wb') as f:
-        _crash_here_if_asked(path, data, f)
+        if before_write is not None:
+            before_write(path, f, data)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -151,7 +139,8 @@ def _link_temp(source: Path, path: Path) -> Path:
             raise
         with open(source, 'rb') as f:
             return _write_temp(path, memoryview(f.read()))
-    _crash_here_if_asked(path, None, None)
+    if before_write is not None:
+        before_write(path, None, None)
     return tmp
 
 

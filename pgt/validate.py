@@ -117,10 +117,9 @@ def build_loader(args, data_args, env):
     return loader, list(dataset.classes)
 
 
-def main(argv) -> int:
-    args = parse_args(argv)
-    env = init_distributed()
-    setup_logging(env.is_main)
+def evaluate_checkpoint(args, env) -> dict:
+    """The evaluation of ``args`` (parse_args' namespace) on this rank: top-1, top-5, loss, logit statistics, and
+    what was evaluated (model, position, transform)."""
     weights, info = load_weights(args.checkpoint, args.use_ema) if args.checkpoint else (None, {})
     trained = (info.get('args') or {}) if info.get('classes') else {}  # only this suite's configuration is ours
     model, name, num_classes = build_model(args, weights, info)
@@ -142,6 +141,14 @@ def main(argv) -> int:
     result.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, model=name,
                   pretrained=args.pretrained, pgt_alpha=trained.get('pgt_alpha'), **position(info),
                   img_size=data_args.val_img_size, crop_pct=data_args.crop_pct, interpolation=data_args.interpolation)
+    return result
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    env = init_distributed()
+    setup_logging(env.is_main)
+    result = evaluate_checkpoint(args, env)
     if env.is_main:
         print(json.dumps(result) if args.json else format_table(result))
     shutdown()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from pgt.distributed import DistEnv
 from pgt.errors import CliParser, UsageError, run_cli
 from pgt.plots import alpha_sweep_figure, save_figure
+from pgt.validate import evaluate_checkpoint, parse_args as validate_args
 
 
 def parse_args(argv):
@@ -30,11 +30,8 @@ def parse_args(argv):
 
 
 def validate(checkpoint: str, data_dir: str) -> dict:
-    result = subprocess.run([sys.executable, '-m', 'pgt.validate', '--checkpoint', checkpoint, '--data-dir', data_dir,
-                             '--json'], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise UsageError(f'validate.py failed on {checkpoint}: {result.stderr.strip().splitlines()[-1]}')
-    return json.loads(result.stdout)
+    """validate.py's evaluation of one checkpoint (its defaults: the checkpoint's own evaluation transform)."""
+    return evaluate_checkpoint(validate_args(['--checkpoint', checkpoint, '--data-dir', data_dir]), DistEnv())
 
 
 def main(argv) -> int:

@@ -52,7 +52,7 @@ from pgt.runlog import read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {'float32': None, **AMP_DTYPES}
-TINY = dict(models=['resnet18'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
+TINY = dict(models=['test_resnet'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
             generate=48, loss_shapes=['16x10'], rounds=3, repeats=1)
 
 

@@ -1,5 +1,11 @@
+import contextlib
 import csv
+import functools
+import gc
 import hashlib
+import importlib
+import importlib.util
+import io
 import os
 import re
 import signal
@@ -13,9 +19,12 @@ import pytest
 import torch
 
 from pgt import PowerGradCrossEntropy
+from pgt.errors import run_cli
 from pgt.preemption import STOP_SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / 'configs' / 'smoke.yaml'
+TINY = ROOT / 'tests' / 'tiny.yaml'  # the smoke recipe on timm's test_resnet
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,31 +47,81 @@ def run_script(script: str, *args, env=None, timeout=600, check=False) -> subpro
     return result
 
 
+PROGRAMS = {'train.py': 'pgt.train', 'validate.py': 'pgt.validate', 'scripts/report.py': 'pgt.report',
+            'scripts/reproduce.py': 'pgt.reproduce', 'scripts/preflight.py': 'pgt.preflight'}
+
+
+@functools.cache
+def script_module(path: str):
+    """A program of scripts/ imported as a module (they are files, not a package), to call its main in-process."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(program: str, *args, env=None, check=False) -> subprocess.CompletedProcess:
+    """``program``'s main run in this process as its command runs it (pgt.errors.run_cli: the exit code, one error
+    line on stderr), without the ~4 s of interpreter start-up and imports that a subprocess pays. For what needs no
+    process of its own: refusals, resumes, validation. Signals, kills and launchers still run the real program
+    (run_script, start_training). Signal handlers and the environment are restored afterwards."""
+    module = importlib.import_module(PROGRAMS[program]) if program in PROGRAMS else script_module(program)
+    stdout, stderr, code = io.StringIO(), io.StringIO(), None
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    saved_env = dict(os.environ)
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_cli(module.main, [str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        gc.collect()
+    result = subprocess.CompletedProcess([program, *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f'{program} exited {code}\n{result.stderr[-3000:]}')
+    return result
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory) -> Path:
     """The generated tiny ImageNet used by the end-to-end tests: 10 classes, 32 train and 8 val images each."""
     out = tmp_path_factory.mktemp('data') / 'tiny'
-    run_script('scripts/make_tiny_imagenet.py', '--synthetic', '--out', out, '--classes', 10,
-               '--train-per-class', 32, '--val-per-class', 8, '--image-size', 40, check=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        script_module('scripts/make_tiny_imagenet.py').main(
+            ['--synthetic', '--out', str(out), '--classes', '10', '--train-per-class', '32', '--val-per-class', '8',
+             '--image-size', '40'])
     return out
 
 
+PAPER_PAIR = {'resnet18-cosine-baseline': 1.0, 'resnet18-cosine-pgt': 0.3}  # a Table 1 row pair: row -> alpha
+# Diagnostics of the seed-0 runs: every 3 steps, a quarter of each layer's gradient coordinates masked, the filter
+# norms of weight layers 11 and 15 (test_resnet has 16).
+DIAGNOSTICS = ['--diagnostics', '--diagnostics-interval', 3, '--diagnostics-mask', 0.25, '--diagnostics-layers', 11,
+               15]
+
+
 @pytest.fixture(scope='session')
-def paper_pair(tiny_data, tmp_path_factory):
-    """Two short real runs named after a Table 1 pair: the smoke recipe at alpha 1 and at alpha 0.3."""
+def paper_runs(tiny_data, tmp_path_factory) -> Path:
+    """Real runs of a Table 1 pair laid out as pgt-report reads them (<row>/seed<k>/): the tiny recipe for 2 epochs,
+    PGT from epoch 0 at the row's alpha, seeds 0 (diagnostics on) and 1."""
     runs = tmp_path_factory.mktemp('paper-runs')
-    for name, alpha in (('resnet18-cosine-baseline', '1.0'), ('resnet18-cosine-pgt', '0.3')):
-        train_in_process('--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data, '--output',
-                         runs / name, '--epochs', 2, '--cooldown-epochs', 0, '--pgt-alpha', alpha,
-                         '--pgt-start-epoch', 0, '--workers', 0)
+    for row, alpha in PAPER_PAIR.items():
+        for seed in (0, 1):
+            train_in_process('--config', TINY, '--data-dir', tiny_data, '--output', runs / row / f'seed{seed}',
+                             '--epochs', 2, '--cooldown-epochs', 0, '--pgt-alpha', alpha, '--pgt-start-epoch', 0,
+                             '--seed', seed, '--log-interval', 100, *(DIAGNOSTICS if seed == 0 else []))
     return runs
 
 
 # ---- running training as a cluster does: subprocesses in their own session, killed and resumed
 
-SMOKE = ROOT / 'configs' / 'smoke.yaml'
 # 10 steps per epoch on the tiny set; a recovery checkpoint every 3 steps; one log line per step (no terminal).
-BASE = ['--config', SMOKE, '--epochs', 2, '--cooldown-epochs', 0, '--recovery-interval', 3, '--log-interval', 1]
+BASE = ['--config', TINY, '--epochs', 2, '--cooldown-epochs', 0, '--recovery-interval', 3, '--log-interval', 1]
 TIMING_COLUMNS = ('train_img_per_sec',)
 
 
@@ -150,7 +209,23 @@ def file_digests(run_dir) -> dict[str, str]:
 def straight_run(tiny_data, tmp_path_factory) -> Path:
     """The uninterrupted single-process run that the interrupted ones must reproduce."""
     run_dir = tmp_path_factory.mktemp('straight') / 'run'
-    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, check=True)
+    train_in_process(*BASE, '--data-dir', tiny_data, '--output', run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope='session')
+def first_epoch_run(tiny_data, tmp_path_factory) -> Path:
+    """The straight run's first job: epoch 0 done (last.pth, best.pth, recovery.pth written), then the job ended as
+    if its time slot had (--stop-after-epoch 0). Copy it (copy_run) before continuing or damaging it."""
+    run_dir = tmp_path_factory.mktemp('first-epoch') / 'run'
+    train_in_process(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--stop-after-epoch', 0)
+    return run_dir
+
+
+def copy_run(source: Path, run_dir: Path) -> Path:
+    """A copy of a session run for one test to continue or damage (hard links, as the suite writes them, are kept
+    apart: each copied file is its own)."""
+    shutil.copytree(source, run_dir)
     return run_dir
 
 

@@ -1,17 +1,16 @@
 """scripts/benchmark.py in its --tiny setting: every mode runs, reports its fields, and leaves no folder behind."""
 import json
+import tempfile
 
-from conftest import run_script
+from conftest import run_main
 
 
-def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_directory(tmp_path):
+def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
     scratch = tmp_path / 'tmp'
     scratch.mkdir()
     out = tmp_path / 'bench.json'
-    # torch makes its compile cache under TMPDIR when importing timm, unless the variable below is set (as it is when
-    # the test process has imported timm first): pin it outside, so that only what benchmark.py leaves is looked at.
-    env = {'TMPDIR': str(scratch), 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'torch-cache')}
-    run_script('scripts/benchmark.py', 'all', '--tiny', '--json', out, env=env, check=True)
+    monkeypatch.setattr(tempfile, 'tempdir', str(scratch))  # where tempfile makes folders in this process
+    run_main('scripts/benchmark.py', 'all', '--tiny', '--json', out, check=True)
     assert not list(scratch.iterdir())  # the generated JPEG tree and every run folder were removed
     report = json.loads(out.read_text())
     assert {'date', 'argv', 'torch', 'results'} <= set(report)
@@ -44,6 +43,6 @@ def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_direc
 
 def test_timm_like_step(tmp_path):
     out = tmp_path / 'bench.json'
-    run_script('scripts/benchmark.py', 'step', '--tiny', '--timm-like', '--json', out, check=True)
+    run_main('scripts/benchmark.py', 'step', '--tiny', '--timm-like', '--json', out, check=True)
     [row] = json.loads(out.read_text())['results']
     assert row['timm_like'] is True and row['ce_img_per_sec'] > 0 and row['ce_img_per_sec_mean'] > 0

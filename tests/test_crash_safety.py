@@ -1,6 +1,7 @@
 """What must survive a failing machine: a full filesystem during a checkpoint write, a divergence, and kill -9 at each
 of the writes of an epoch end. Each failure is real: a file size limit or a small tmpfs, a learning rate that
 overflows, SIGKILL at the moment the named file is half written."""
+import contextlib
 import errno
 import os
 import resource
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from pgt import train
-from conftest import (BASE, ROOT, assert_same_weights, file_digests, model_state, one_line_error, run_script,
-                      summary_values, train_in_process, user_namespaces_work)
+from conftest import (BASE, ROOT, assert_same_weights, copy_run, file_digests, model_state, one_line_error, run_main,
+                      run_script, summary_values, train_in_process, user_namespaces_work)
 from pgt.checkpoint import save_checkpoint
 from pgt.engine import BufferGuard, TrainingParts, make_scaler, train_step
 from pgt.runlog import RunLog, read_summary
@@ -21,9 +22,9 @@ from pgt.runlog import RunLog, read_summary
 CHECKPOINTS = ('last.pth', 'best.pth', 'recovery.pth')
 
 
-def first_epoch(tiny_data, run_dir):
-    """A good first epoch (last.pth, best.pth, recovery.pth written), then the job ends as if its time slot had."""
-    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--stop-after-epoch', 0, check=True)
+def first_epoch(first_epoch_run, run_dir):
+    """A copy of a good first epoch (last.pth, best.pth, recovery.pth written): the digests of its checkpoints."""
+    copy_run(first_epoch_run, run_dir)
     return {name: digest for name, digest in file_digests(run_dir).items() if name in CHECKPOINTS}
 
 
@@ -35,38 +36,50 @@ def assert_finite_checkpoints(run_dir):
 
 # ---- a full filesystem
 
-def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(straight_run, tiny_data, tmp_path):
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """RLIMIT_FSIZE on this process: a write beyond ``limit`` bytes fails with EFBIG (Python ignores SIGXFSZ), as on
+    a filesystem whose quota is reached. The soft limit only: it is raised again afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_file_size_limit_during_a_checkpoint_write_keeps_the_previous_one(straight_run, first_epoch_run, tiny_data,
+                                                                          tmp_path):
     run_dir = tmp_path / 'run'
-    before = first_epoch(tiny_data, run_dir)
-    limit = 20 * 2 ** 20  # a checkpoint is ~90 MB; summary.csv and TensorBoard files stay far below
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: write() fails, EFBIG
-
-    result = subprocess.run([sys.executable, 'train.py', *map(str, BASE), '--data-dir', str(tiny_data), '--output',
-                             str(run_dir), '--resume', 'auto'], cwd=ROOT, capture_output=True, text=True,
-                            preexec_fn=limit_file_size, timeout=300)
+    before = first_epoch(first_epoch_run, run_dir)
+    limit = (run_dir / 'recovery.pth').stat().st_size // 2  # summary.csv, train.log and TensorBoard stay far below
+    with file_size_limit(limit):
+        result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto')
     assert result.returncode == 1
     assert one_line_error(result.stderr) == (f'error: could not write {run_dir}/recovery.pth: File too large; the '
                                              f'previous recovery.pth is intact')
     assert not list(run_dir.glob('.*.tmp'))
     assert {name: d for name, d in file_digests(run_dir).items() if name in CHECKPOINTS} == before
-    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', check=True)
+    run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', check=True)
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
     assert summary_values(run_dir) == summary_values(straight_run)
 
 
 @pytest.mark.skipif(not user_namespaces_work(), reason='a private tmpfs needs unshare -Urm (user and mount '
                                                        'namespaces), which this system does not allow')
-def test_full_tmpfs_during_a_checkpoint_write_keeps_the_previous_one(straight_run, tiny_data, tmp_path):
-    """A real ENOSPC: the run directory is a 220 MB tmpfs. A checkpoint is ~90 MB; the first job needs two files and
-    a temporary one (recovery.pth, and last.pth with best.pth as a hard link to it), so the first write of the
-    second job fills it."""
+def test_full_tmpfs_during_a_checkpoint_write_keeps_the_previous_one(straight_run, first_epoch_run, tiny_data,
+                                                                     tmp_path):
+    """A real ENOSPC: the run directory is a tmpfs that holds the first job's files (recovery.pth, and last.pth with
+    best.pth as a hard link to it) with room for less than one more checkpoint, so the first write of the second job
+    fills it."""
     run_dir, before, after = tmp_path / 'run', tmp_path / 'before', tmp_path / 'after'
     run_dir.mkdir()
+    used = sum(p.stat().st_size for p in first_epoch_run.rglob('*') if p.is_file() and p.name != 'best.pth')
+    size_kib = (used + (first_epoch_run / 'last.pth').stat().st_size // 2) // 1024 + 64  # + tmpfs block rounding
+    # cp -a keeps best.pth a hard link to last.pth, as the first job wrote them.
     train_cmd = f'{sys.executable} train.py {" ".join(map(str, BASE))} --data-dir {tiny_data} --output {run_dir}'
-    script = (f'set -e; mount -t tmpfs -o size=220m pgt-full-disk {run_dir}; '
-              f'{train_cmd} --stop-after-epoch 0 2>/dev/null; cp -a {run_dir} {before}; '
+    script = (f'set -e; mount -t tmpfs -o size={size_kib}k pgt-full-disk {run_dir}; '
+              f'cp -a {first_epoch_run}/. {run_dir}; cp -a {run_dir} {before}; '
               f'set +e; {train_cmd} --resume auto 2>{tmp_path}/stderr; echo $? >{tmp_path}/rc; '
               f'cp -a {run_dir} {after}')
     subprocess.run(['unshare', '-Urm', 'sh', '-c', script], cwd=ROOT, check=True, timeout=600)
@@ -77,19 +90,19 @@ def test_full_tmpfs_during_a_checkpoint_write_keeps_the_previous_one(straight_ru
     assert not list(after.glob('.*.tmp'))
     kept = {name: digest for name, digest in file_digests(before).items() if name in CHECKPOINTS}
     assert {name: digest for name, digest in file_digests(after).items() if name in CHECKPOINTS} == kept
-    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', after, '--resume', 'auto', check=True)
+    run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', after, '--resume', 'auto', check=True)
     assert_same_weights(model_state(after / 'last.pth'), model_state(straight_run / 'last.pth'))
 
 
 # ---- divergence
 
-def test_divergence_stops_with_exit_3_and_never_writes_over_a_good_checkpoint(tiny_data, tmp_path):
+def test_divergence_stops_with_exit_3_and_never_writes_over_a_good_checkpoint(first_epoch_run, tiny_data, tmp_path):
     """The learning rate jumps to 1e4 after a good epoch: the activations overflow within a few steps and batch-norm
     running variances become inf while the loss is still finite. The run must stop before writing them."""
     run_dir = tmp_path / 'run'
-    before = first_epoch(tiny_data, run_dir)
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
-                        '--epochs', 4, '--lr', 1e4, '--warmup-epochs', 0, '--allow-config-change')
+    before = first_epoch(first_epoch_run, run_dir)
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
+                      '--epochs', 4, '--lr', 1e4, '--warmup-epochs', 0, '--allow-config-change')
     assert result.returncode == 3
     line = one_line_error(result.stderr)
     assert 'non-finite' in line and f'the newest checkpoint is {run_dir}/last.pth (epoch 1, step 0)' in line
@@ -97,10 +110,10 @@ def test_divergence_stops_with_exit_3_and_never_writes_over_a_good_checkpoint(ti
     assert_finite_checkpoints(run_dir)
 
 
-def test_an_epoch_of_skipped_steps_stops_without_writing(poisoned_loss, tiny_data, tmp_path):
+def test_an_epoch_of_skipped_steps_stops_without_writing(poisoned_loss, first_epoch_run, tiny_data, tmp_path):
     """Every step of the second epoch is non-finite, yet no run of consecutive skips reaches the limit within it."""
     run_dir = tmp_path / 'run'
-    before = first_epoch(tiny_data, run_dir)
+    before = first_epoch(first_epoch_run, run_dir)
     poisoned_loss.update(range(1, 11))  # the ten steps of epoch 1 in this process
     argv = [*map(str, BASE), '--data-dir', str(tiny_data), '--output', str(run_dir), '--workers', '0',
             '--resume', 'auto', '--max-skipped-steps', '100', '--epochs', '4', '--allow-config-change']
@@ -157,10 +170,10 @@ def test_kill_9_during_each_epoch_end_write_then_resume(first_crash, straight_ru
     run_dir = tmp_path / 'run'
     args = [*BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', '--checkpoint-interval', 1]
     for crash in (first_crash, 'last.pth:2'):
-        result = run_script('train.py', *args, env={'PGT_CRASH_WRITING': crash})
+        result = run_script('tests/crash_writing.py', crash, *args)
         assert result.returncode == -9, result.stderr[-3000:]
         assert (run_dir / f'.{crash.partition(":")[0]}.tmp').exists()  # killed during that very write
-    run_script('train.py', *args, check=True)
+    run_main('train.py', *args, check=True)
     assert not list(run_dir.glob('.*.tmp'))
     assert summary_values(run_dir) == summary_values(straight_run)
     best, straight_best = (torch.load(d / 'best.pth', weights_only=True) for d in (run_dir, straight_run))

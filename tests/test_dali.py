@@ -10,15 +10,13 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from conftest import ROOT, run_script
+from conftest import SMOKE, TINY, run_main
 from pgt.data import build_transform
 from pgt.errors import UsageError
 from pgt.runlog import read_summary
 
 dali = pytest.importorskip('nvidia.dali', reason='NVIDIA DALI is optional (requirements-dali.txt)')
 from pgt.dali import build_dali_loaders  # noqa: E402
-
-SMOKE = ROOT / 'configs' / 'smoke.yaml'
 
 
 def dali_args(data_dir, **overrides):
@@ -133,11 +131,11 @@ def test_dali_cpu_training_run_matches_torch_backend(tiny_data, tmp_path):
     # Both backends see the same images with the same augmentation settings but different random draws and JPEG
     # decoders, so their numbers differ a little; on this separable set both end near 100%. A label mix-up or a
     # broken normalisation would end near 10% (chance), far outside the 10-point tolerance.
-    common = ['--config', SMOKE, '--data-dir', tiny_data, '--epochs', 3, '--cooldown-epochs', 1]
+    common = ['--config', TINY, '--data-dir', tiny_data, '--epochs', 3, '--cooldown-epochs', 1]
     top1 = {}
     for backend in ('torch', 'dali'):
         extra = ['--data-backend', 'dali', '--dali-device', 'cpu'] if backend == 'dali' else []
-        run_script('train.py', *common, *extra, '--output', tmp_path / backend, check=True)
+        run_main('train.py', *common, *extra, '--output', tmp_path / backend, check=True)
         rows = read_summary(tmp_path / backend)
         assert len(rows) == 4
         top1[backend] = float(rows[-1]['eval_top1'])
@@ -161,8 +159,8 @@ def test_gpu_decoding_without_cuda_is_a_one_line_error(tiny_data):
 
 def test_empty_data_directory_is_a_one_line_error(tmp_path):
     (tmp_path / 'empty' / 'train').mkdir(parents=True)
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'empty', '--data-backend', 'dali',
-                        '--dali-device', 'cpu', '--output', tmp_path / 'run')
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'empty', '--data-backend', 'dali',
+                      '--dali-device', 'cpu', '--output', tmp_path / 'run')
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('error: ') and 'no class folders' in result.stderr
 
@@ -187,14 +185,14 @@ def test_epoch_length_agrees_with_the_torch_backend(tiny_data, world_size):
             assert len(dali.train) == len(torch_loaders.train), (batch, rank)
 
 
-def test_validate_with_dali_agrees_with_torch(paper_pair, tiny_data):
+def test_validate_with_dali_agrees_with_torch(paper_runs, tiny_data):
     # Same checkpoint and images; the decoders and resize kernels differ by rounding, which may flip an image or two.
-    checkpoint = paper_pair / 'resnet18-cosine-pgt' / 'last.pth'
+    checkpoint = paper_runs / 'resnet18-cosine-pgt' / 'seed1' / 'last.pth'
     results = {}
     for backend in ('torch', 'dali'):
         extra = ['--data-backend', 'dali', '--dali-device', 'cpu'] if backend == 'dali' else []
-        result = run_script('validate.py', '--checkpoint', checkpoint, '--data-dir', tiny_data, '--json', *extra,
-                            check=True)
+        result = run_main('validate.py', '--checkpoint', checkpoint, '--data-dir', tiny_data, '--json', *extra,
+                          check=True)
         results[backend] = json.loads(result.stdout)
     assert results['dali']['images'] == results['torch']['images'] == 80
     assert abs(results['dali']['top1'] - results['torch']['top1']) <= 2.5  # at most 2 of 80 images

@@ -1,5 +1,7 @@
 """Diagnostics against brute-force float64 computations from the thesis's definitions, on a tiny network."""
+import contextlib
 import csv
+import io
 import itertools
 import re
 from pathlib import Path
@@ -14,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm.layers import convert_sync_batchnorm
 
 import pgt.models  # noqa: F401
-from conftest import ROOT, run_script, train_in_process
+from conftest import PAPER_PAIR, TINY, script_module, train_in_process
 from pgt import PowerGradCrossEntropy, power_grad_cross_entropy
 from pgt.diagnostics import (Diagnostics, GradientMask, count_zeroed_filters, dead_pooled_features, filter_norms,
                              gradient_coherence, gradient_confusion, gradient_diversity, micro_batch_gradients,
@@ -144,40 +146,40 @@ def test_dead_pooled_features_are_counted():
 
 
 @pytest.fixture(scope='module')
-def diagnostics_runs(tiny_data, tmp_path_factory):
-    runs = tmp_path_factory.mktemp('diag')
-    common = ['--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data, '--epochs', 2,
-              '--cooldown-epochs', 0, '--workers', 0]
-    train_in_process(*common, '--output', runs / 'off')
-    train_in_process(*common, '--output', runs / 'on', '--diagnostics', '--diagnostics-interval', 3,
-                     '--diagnostics-mask', 0.25)
-    return runs
+def diagnostics_runs(paper_runs, tiny_data, tmp_path_factory):
+    """The baseline's seed-0 run (diagnostics on) and the same run without diagnostics."""
+    off = tmp_path_factory.mktemp('diag') / 'off'
+    train_in_process('--config', TINY, '--data-dir', tiny_data, '--output', off, '--epochs', 2, '--cooldown-epochs', 0,
+                     '--pgt-alpha', 1.0, '--pgt-start-epoch', 0, '--seed', 0, '--log-interval', 100)
+    return {'on': paper_runs / 'resnet18-cosine-baseline' / 'seed0', 'off': off}
 
 
 def test_diagnostics_do_not_change_the_training_trajectory(diagnostics_runs):
-    on = torch.load(diagnostics_runs / 'on' / 'last.pth', weights_only=True)['state_dict']
-    off = torch.load(diagnostics_runs / 'off' / 'last.pth', weights_only=True)['state_dict']
+    on = torch.load(diagnostics_runs['on'] / 'last.pth', weights_only=True)['state_dict']
+    off = torch.load(diagnostics_runs['off'] / 'last.pth', weights_only=True)['state_dict']
     assert all(torch.equal(on[k], off[k]) for k in off)
 
 
 def test_tensorboard_and_csv_hold_the_diagnostics(diagnostics_runs):
-    events = EventAccumulator(str(diagnostics_runs / 'on' / 'tb'), size_guidance={'histograms': 0, 'scalars': 0})
+    events = EventAccumulator(str(diagnostics_runs['on'] / 'tb'), size_guidance={'histograms': 0, 'scalars': 0})
     events.Reload()
     scalars, histograms = set(events.Tags()['scalars']), set(events.Tags()['histograms'])
     for name in ('loss', 'logit_norm', 'step_consistency', 'gradient_diversity', 'gradient_confusion',
                  'gradient_coherence', 'zeroed_filters', 'dead_pooled_features'):
         assert f'diagnostics/{name}' in scalars, name
-    assert 'diagnostics/filter_norms/conv1' in histograms and 'diagnostics/filter_norms/layer4.1.conv2' in histograms
-    with open(diagnostics_runs / 'on' / 'diagnostics.csv') as f:
+    assert 'diagnostics/filter_norms/conv1.0' in histograms and 'diagnostics/filter_norms/layer4.0.conv2' in histograms
+    with open(diagnostics_runs['on'] / 'diagnostics.csv') as f:
         rows = list(csv.DictReader(f))
     assert [int(r['step']) for r in rows] == [3, 6, 9, 12, 15, 18]  # every 3 of the 2 x 10 steps
     assert all(float(r['gradient_diversity']) > 0 and 0 <= float(r['gradient_confusion']) <= 1 for r in rows)
 
 
-def test_alpha_sweep_draws_fig6_from_checkpoints(paper_pair, tiny_data, tmp_path):
-    checkpoints = [paper_pair / name / 'last.pth' for name in ('resnet18-cosine-baseline', 'resnet18-cosine-pgt')]
-    result = run_script('scripts/alpha_sweep.py', '--checkpoints', *checkpoints, '--data-dir', tiny_data,
-                        '--out', tmp_path, check=True)
+def test_alpha_sweep_draws_fig6_from_checkpoints(paper_runs, tiny_data, tmp_path):
+    checkpoints = [paper_runs / row / 'seed0' / 'last.pth' for row in PAPER_PAIR]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert script_module('scripts/alpha_sweep.py').main(['--checkpoints', *map(str, checkpoints), '--data-dir',
+                                                             str(tiny_data), '--out', str(tmp_path)]) == 0
+    result = SimpleNamespace(stdout=stdout.getvalue())
     assert result.stdout.splitlines()[:2] == [str(tmp_path / 'fig6-alpha-sweep.png'),
                                               str(tmp_path / 'fig6-alpha-sweep.pdf')]
     assert all((tmp_path / f'fig6-alpha-sweep.{suffix}').stat().st_size > 1000 for suffix in ('png', 'pdf'))

@@ -3,6 +3,7 @@ classes than the model's, an image DALI cannot decode, and every bad value that 
 Each refusal is exit code 2, one line, and nothing on disk changed."""
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from conftest import BASE, ROOT, file_digests, one_line_error, run_script, user_namespaces_work
+from conftest import BASE, ROOT, TINY, copy_run, file_digests, one_line_error, run_main, user_namespaces_work
 from pgt.dali import image_list
 from pgt.data import ImageFolderWithRecovery, scan_image_folder
 
@@ -100,7 +101,7 @@ def renamed_val(tiny_data, tmp_path):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_training_refuses_val_classes_other_than_train_classes(backend, renamed_val, tmp_path):
-    result = run_script('train.py', *BASE, '--data-dir', renamed_val, '--output', tmp_path / 'run', *backend)
+    result = run_main('train.py', *BASE, '--data-dir', renamed_val, '--output', tmp_path / 'run', *backend)
     assert result.returncode == 2
     assert one_line_error(result.stderr) == (f'error: {renamed_val}/val: class folders differ from those of train/ '
                                              f'(10 vs 10 classes; e.g. n00000000, n99999999)')
@@ -109,7 +110,7 @@ def test_training_refuses_val_classes_other_than_train_classes(backend, renamed_
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_validate_refuses_val_classes_other_than_the_checkpoints(backend, renamed_val, straight_run):
-    result = run_script('validate.py', '--checkpoint', straight_run / 'last.pth', '--data-dir', renamed_val, *backend)
+    result = run_main('validate.py', '--checkpoint', straight_run / 'last.pth', '--data-dir', renamed_val, *backend)
     assert result.returncode == 2
     assert one_line_error(result.stderr) == (f'error: {renamed_val}/val: class folders differ from those of the '
                                              f'checkpoint {straight_run}/last.pth (10 vs 10 classes; e.g. n00000000, '
@@ -122,10 +123,9 @@ def test_resume_refuses_train_classes_other_than_the_checkpoints(straight_run, t
     for split in ('train', 'val'):
         first = sorted((data / split).iterdir())[0]
         first.rename(first.with_name('n99999999'))
-    run_dir = tmp_path / 'run'
-    shutil.copytree(straight_run, run_dir)
+    run_dir = copy_run(straight_run, tmp_path / 'run')
     before = file_digests(run_dir)
-    result = run_script('train.py', *BASE, '--data-dir', data, '--output', run_dir, '--resume', 'auto')
+    result = run_main('train.py', *BASE, '--data-dir', data, '--output', run_dir, '--resume', 'auto')
     assert result.returncode == 2
     assert one_line_error(result.stderr).startswith(f'error: {data}/train: class folders differ from those of the '
                                                     f'checkpoint {run_dir}/last.pth')
@@ -143,12 +143,12 @@ def test_dali_names_an_undecodable_image_and_leaves_nothing_that_blocks_the_reru
     broken.write_bytes(good[:150])
     args = [*BASE, '--data-dir', data, '--output', tmp_path / 'run', '--data-backend', 'dali', '--dali-device', 'cpu',
             '--epochs', 1, '--pgt-start-epoch', 0, '--recovery-interval', 0]
-    result = run_script('train.py', *args)
+    result = run_main('train.py', *args)
     assert result.returncode == 2
     line = one_line_error(result.stderr)
     assert line.startswith(f'error: cannot read image {broken}: ') and 'use --data-backend torch' in line
     broken.write_bytes(good)
-    run_script('train.py', *args, check=True)  # the same command again, once the file is replaced
+    run_main('train.py', *args, check=True)  # the same command again, once the file is replaced
 
 
 # ---- bad values: exit 2, one line, nothing written
@@ -158,10 +158,10 @@ def refused(tmp_path, *args, recipe=None):
     the directory is unchanged."""
     config = []
     if recipe is not None:
-        (tmp_path / 'recipe.yaml').write_text(f'base: {ROOT}/configs/smoke.yaml\n{recipe}\n')
+        (tmp_path / 'recipe.yaml').write_text(f'base: {TINY}\n{recipe}\n')
         config = ['--config', tmp_path / 'recipe.yaml']
     before = file_digests(tmp_path)
-    result = run_script('train.py', *BASE, *config, '--data-dir', tmp_path / 'no-data-needed', *args)
+    result = run_main('train.py', *BASE, *config, '--data-dir', tmp_path / 'no-data-needed', *args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert file_digests(tmp_path) == before
     return one_line_error(result.stderr)
@@ -212,5 +212,7 @@ def test_sync_batch_norm_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path
     refusal = ("error: --sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on the cpu; "
                "leave it out")
     assert result.stderr.count(refusal) == 2  # each rank once (their lines may interleave on the shared stderr)
-    assert '/pgt/' not in result.stderr  # no frame of ours: the traceback there is torchrun's agent's
+    # No frame of ours (pgt/<module>.py, or train.py in a checkout named pgt): the traceback there is torchrun's
+    # agent's, whose summary names the script it launched (.../pgt/train.py FAILED where the checkout is named pgt).
+    assert not re.search(r'File "[^"]*/pgt/\w+\.py"', result.stderr), result.stderr[-3000:]
     assert not (tmp_path / 'run').exists()

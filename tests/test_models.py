@@ -1,15 +1,15 @@
 """The papers' models that timm lacks (pgt.models): the ResNet-18 without batch normalisation of Table 2 and the
 CIFAR ResNet-20 of the ICLR grid, built and trained on the CPU."""
+import contextlib
+import io
 
 import pytest
 import timm
 import torch
 
 import pgt.models  # noqa: F401  (registers the models)
-from conftest import ROOT, run_script, train_in_process
+from conftest import ROOT, SMOKE, run_main, script_module, train_in_process
 from pgt.runlog import read_summary
-
-SMOKE = ROOT / 'configs' / 'smoke.yaml'
 
 
 def test_nobn_resnet18_has_no_normalisation_layer():
@@ -47,8 +47,9 @@ def test_resnet20_cifar_is_the_classic_network():
 def tiny_cifar(tmp_path_factory):
     """CIFAR-10's python format, generated: torchvision's CIFAR10 reads it."""
     out = tmp_path_factory.mktemp('cifar') / 'cifar10'
-    run_script('scripts/make_tiny_imagenet.py', '--synthetic', '--cifar10', '--out', out, '--train-per-class', 32,
-               '--val-per-class', 8, check=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        script_module('scripts/make_tiny_imagenet.py').main(['--synthetic', '--cifar10', '--out', str(out),
+                                                             '--train-per-class', '32', '--val-per-class', '8'])
     return out
 
 
@@ -67,7 +68,7 @@ def test_resnet20_trains_on_a_cifar10_folder(tiny_cifar, tmp_path):
 
 def test_a_missing_cifar_folder_is_one_line_naming_the_download_option(tmp_path):
     recipe = ROOT / 'configs' / 'paper' / 'grid' / 'cifar' / 'resnet20.yaml'
-    result = run_script('train.py', '--config', recipe, '--data-dir', tmp_path, '--output', tmp_path / 'run')
+    result = run_main('train.py', '--config', recipe, '--data-dir', tmp_path, '--output', tmp_path / 'run')
     assert result.returncode == 2 and not (tmp_path / 'run').exists()
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}: no CIFAR-10 in torchvision's format (cifar-10-batches-py/ with data_batch_1-5 and "

@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
 CUDA_CHECKS = ('cuda: float16 + gradient scaler', 'cuda: bfloat16', 'cuda: fused SGD', 'cuda: channels-last',
                'cuda: torch.compile', 'cuda: NCCL + gloo all-reduce', 'cuda: DALI GPU decoding')
@@ -20,7 +20,7 @@ def table(stdout: str) -> dict[str, tuple[str, str]]:
 
 
 def test_preflight_runs_the_cpu_subset_and_names_what_it_skipped(tiny_data):
-    result = run_script('scripts/preflight.py', '--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data)
+    result = run_main('scripts/preflight.py', '--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', tiny_data)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = table(result.stdout)
     assert rows['data: tree'] == ('warn', 'train 10 classes, 320 images; val 10 classes, 80 images; ImageNet-1k has '
@@ -47,7 +47,7 @@ def test_a_broken_image_fails_the_decoding_check(tiny_data, tmp_path):
     shutil.copytree(tiny_data, data)
     for path in (data / 'train').glob('*/*.JPEG'):  # every file, so that the random sample meets one
         path.write_bytes(path.read_bytes()[:100])
-    result = run_script('scripts/preflight.py', '--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', data)
+    result = run_main('scripts/preflight.py', '--config', ROOT / 'configs' / 'smoke.yaml', '--data-dir', data)
     assert result.returncode == 1
     status, detail = table(result.stdout)['data: decoding']
     assert status == 'fail' and detail.startswith(f'cannot decode {data}/train/')

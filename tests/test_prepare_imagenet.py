@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from scipy.io import savemat
 
-from conftest import run_script
+from conftest import run_main
 
 WNIDS = ['n01440764', 'n01443537', 'n01484850']
 LABELS = [2, 1, 3, 3, 1, 2, 2]  # ILSVRC2012_IDs of images 1-7 (image 7 is listed, but its file is missing)
@@ -60,7 +60,7 @@ def sorted_files(val):
 
 def test_devkit_ground_truth_sorts_val_and_reports_the_missing_and_unreadable(tmp_path):
     data = raw_tree(tmp_path / 'imagenet')
-    result = run_script('scripts/prepare_imagenet.py', '--data-dir', data, '--devkit', devkit(tmp_path / 'dk.tar.gz'))
+    result = run_main('scripts/prepare_imagenet.py', '--data-dir', data, '--devkit', devkit(tmp_path / 'dk.tar.gz'))
     assert result.returncode == 1, result.stderr  # problems found
     assert sorted_files(data / 'val') == EXPECTED and not list((data / 'val').glob('*.JPEG'))
     out = result.stdout
@@ -69,7 +69,7 @@ def test_devkit_ground_truth_sorts_val_and_reports_the_missing_and_unreadable(tm
     assert 'unreadable: ' in out and 'ILSVRC2012_val_00000004.JPEG' in out
     assert 'train: 3 classes, 6 images; val: 3 classes, 6 images' in out
     assert 'classes: 3, ImageNet-1k has 1,000' in out and 'val: 6, ImageNet-1k has 50,000' in out
-    again = run_script('scripts/prepare_imagenet.py', '--data-dir', data, '--devkit', tmp_path / 'dk.tar.gz')
+    again = run_main('scripts/prepare_imagenet.py', '--data-dir', data, '--devkit', tmp_path / 'dk.tar.gz')
     assert 'moved 0 validation images into class folders (6 were already sorted)' in again.stdout
     assert sorted_files(data / 'val') == EXPECTED
 
@@ -81,13 +81,13 @@ def test_kaggle_csv_sorts_val_the_same_way(tmp_path):
     csv = tmp_path / 'LOC_val_solution.csv'
     csv.write_text('ImageId,PredictionString\n' + ''.join(
         f'ILSVRC2012_val_{n:08d},{wnid} 10 20 30 40 {wnid} 1 2 3 4\n' for n, wnid in EXPECTED.items()))
-    result = run_script('scripts/prepare_imagenet.py', '--data-dir', data, '--kaggle-csv', csv)
+    result = run_main('scripts/prepare_imagenet.py', '--data-dir', data, '--kaggle-csv', csv)
     assert sorted_files(data / 'val') == EXPECTED
     assert 'moved 6 validation images' in result.stdout and 'unreadable' not in result.stdout
 
 
 def test_the_no_class_folders_error_names_the_script(tmp_path, tiny_data):
     data = raw_tree(tmp_path / 'imagenet')
-    result = run_script('train.py', '--config', 'configs/smoke.yaml', '--data-dir', data, '--output', tmp_path / 'r')
+    result = run_main('train.py', '--config', 'configs/smoke.yaml', '--data-dir', data, '--output', tmp_path / 'r')
     assert result.returncode == 2
     assert 'no class folders' in result.stderr and 'scripts/prepare_imagenet.py sorts it' in result.stderr

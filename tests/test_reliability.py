@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pgt import train
-from conftest import (BASE, ROOT, STEP_LINE, assert_same_weights, file_digests, model_state, one_line_error,
-                      read_until, run_script, start_training, summary_values, torchrun_command)
+from conftest import (BASE, ROOT, STEP_LINE, assert_same_weights, copy_run, file_digests, model_state,
+                      one_line_error, read_until, run_main, start_training, summary_values, torchrun_command)
 from pgt.checkpoint import find_resume_checkpoint, save_checkpoint
 from pgt.runlog import read_summary
 
@@ -29,8 +29,8 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(straight_run, tiny_
     process.wait()
     recovery = torch.load(run_dir / 'recovery.pth', weights_only=True)
     assert recovery['epoch'] == 1 and last_step(lines, 1) - recovery['step'] <= 3  # <= --recovery-interval repeated
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
-                        check=True)
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
+                      check=True)
     assert 'resuming from' in result.stderr and 'recovery.pth' in result.stderr
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
     assert summary_values(run_dir) == summary_values(straight_run)
@@ -51,8 +51,8 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(str
     assert 'killed by signal' not in rest
     recovery = torch.load(run_dir / 'recovery.pth', weights_only=True)
     assert recovery['epoch'] == 1 and last_step(lines, 1) <= recovery['step'] <= last_step(lines, 1) + 1
-    run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
-               '--recovery-interval', 0, '--workers', 2, check=True)
+    run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
+             '--recovery-interval', 0, '--workers', 2, check=True)
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
     assert summary_values(run_dir) == summary_values(straight_run)
 
@@ -135,8 +135,7 @@ def test_torchrun_restart_after_a_killed_rank_reproduces_weights_and_every_metri
 
 
 def test_signal_during_start_up_stops_with_one_line_and_changes_nothing(straight_run, tiny_data, tmp_path):
-    run_dir = tmp_path / 'run'
-    shutil.copytree(straight_run, run_dir)
+    run_dir = copy_run(straight_run, tmp_path / 'run')
     (run_dir / 'last.pth').unlink()  # a run to continue: resume finds recovery.pth (epoch 1)
     before = file_digests(run_dir)
     process = start_training(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto')
@@ -192,7 +191,7 @@ def test_corrupt_training_image_is_replaced_and_counted(tiny_data, tmp_path):
     shutil.copytree(tiny_data, data)
     broken = sorted((data / 'train').glob('*/*.JPEG'))[7]
     corrupt(broken)
-    result = run_script('train.py', *BASE, '--data-dir', data, '--output', tmp_path / 'run', check=True)
+    result = run_main('train.py', *BASE, '--data-dir', data, '--output', tmp_path / 'run', check=True)
     assert [int(r['train_unreadable']) for r in read_summary(tmp_path / 'run')] == [1, 1]
     assert f'cannot read image {broken}' in result.stderr and 'using the next image' in result.stderr
 
@@ -201,7 +200,7 @@ def test_validation_reports_unreadable_images(tiny_data, tmp_path, straight_run)
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
     corrupt(sorted((data / 'val').glob('*/*.JPEG'))[0])
-    result = run_script('validate.py', '--checkpoint', straight_run / 'last.pth', '--data-dir', data, check=True)
+    result = run_main('validate.py', '--checkpoint', straight_run / 'last.pth', '--data-dir', data, check=True)
     assert re.search(r'images\s+79', result.stdout) and re.search(r'unreadable\s+1', result.stdout)
 
 
@@ -211,6 +210,6 @@ def test_slurm_scripts_parse():
 
 
 def test_recovery_checkpoint_position_is_reported_by_validate(straight_run, tiny_data):
-    result = run_script('validate.py', '--checkpoint', straight_run / 'recovery.pth', '--data-dir', tiny_data,
-                        '--json', check=True)
+    result = run_main('validate.py', '--checkpoint', straight_run / 'recovery.pth', '--data-dir', tiny_data,
+                      '--json', check=True)
     assert '"epoch": 1, "step": 9' in result.stdout  # written at step 9 of epoch 1 (0-based epochs)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 from pgt import reproduce
 
 TABLE1 = [r['row'] for r in csv.DictReader(open(ROOT / 'configs/paper/published.csv')) if r['table'] == '1']
@@ -76,9 +76,9 @@ def test_finished_jobs_are_skipped(tmp_path, capsys):
 
 def test_slurm_array_has_a_task_per_job_and_the_cluster_options(tmp_path):
     script = tmp_path / 'table1.sbatch'
-    result = run_script('scripts/reproduce.py', '--table', '1', '--seeds', 0, 1, 2, '--slurm', script, '--gpus',
-                        'a100:4', '--max-concurrent', 8, '--partition', 'gpu', '--account', 'lab', '--mem', '256G',
-                        '--runs-dir', tmp_path / 'runs', check=True)
+    result = run_main('scripts/reproduce.py', '--table', '1', '--seeds', 0, 1, 2, '--slurm', script, '--gpus',
+                      'a100:4', '--max-concurrent', 8, '--partition', 'gpu', '--account', 'lab', '--mem', '256G',
+                      '--runs-dir', tmp_path / 'runs', check=True)
     text = script.read_text()
     assert '#SBATCH --array=0-41%8' in text and '#SBATCH --gpus-per-node=a100:4' in text
     assert '#SBATCH --cpus-per-task=32' in text and '--nproc-per-node=4' in text
@@ -86,7 +86,7 @@ def test_slurm_array_has_a_task_per_job_and_the_cluster_options(tmp_path):
     assert (tmp_path / 'runs' / 'slurm-logs').is_dir() and f'{tmp_path}/runs/slurm-logs/%x-%A_%a.out' in text
     assert subprocess.run(['bash', '-n', str(script)]).returncode == 0
     assert 'wrote' in result.stdout and '42 array tasks' in result.stdout
-    bad = run_script('scripts/reproduce.py', '--table', '1', '--slurm', script, '--gpus', 'a100')
+    bad = run_main('scripts/reproduce.py', '--table', '1', '--slurm', script, '--gpus', 'a100')
     assert bad.returncode == 2 and "--gpus: expected a count or TYPE:COUNT (e.g. 4 or a100:4), got 'a100'" in bad.stderr
 
 
@@ -114,8 +114,8 @@ def test_the_array_script_runs_under_stand_ins_for_srun_and_scontrol(tmp_path, s
     bin_dir, calls = slurm_stand_ins
     script = tmp_path / 'table2.sbatch'
     runs = tmp_path / 'runs'
-    run_script('scripts/reproduce.py', '--table', '2', '--slurm', script, '--gpus', 1, '--runs-dir', runs,
-               '--', '--dry-run', check=True)
+    run_main('scripts/reproduce.py', '--table', '2', '--slurm', script, '--gpus', 1, '--runs-dir', runs,
+             '--', '--dry-run', check=True)
     env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_CPUS_PER_TASK': '3',
            'SLURM_ARRAY_JOB_ID': '100'}
     for task, job_id in ((0, 101), (1, 102)):

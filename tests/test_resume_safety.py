@@ -1,20 +1,18 @@
 """--resume must continue this run and nothing else: not a run whose checkpoints are all damaged (by starting over it),
 not another configuration's checkpoints, not another architecture's, and never a file that runs code when loaded."""
 import os
-import shutil
 
 import pytest
 import torch
 
-from conftest import BASE, assert_same_weights, file_digests, model_state, one_line_error, run_script
+from conftest import (BASE, assert_same_weights, copy_run, file_digests, model_state, one_line_error, run_main,
+                      run_script)
 
 
 @pytest.fixture
 def run_copy(straight_run, tmp_path):
     """A finished run (last.pth, best.pth, recovery.pth, summary.csv) that a test may damage."""
-    run_dir = tmp_path / 'run'
-    shutil.copytree(straight_run, run_dir)
-    return run_dir
+    return copy_run(straight_run, tmp_path / 'run')
 
 
 def truncate(path):
@@ -26,7 +24,7 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_unreadable(run_copy
     for name in ('last.pth', 'best.pth', 'recovery.pth'):
         truncate(run_copy / name)
     before = file_digests(run_copy)
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto')
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto')
     assert result.returncode == 2
     line = one_line_error(result.stderr)
     assert line.startswith(f'error: {run_copy} holds checkpoints but none is readable (cannot read checkpoint')
@@ -38,8 +36,8 @@ def test_resume_auto_falls_back_to_an_intact_best_checkpoint(run_copy, straight_
     """best.pth holds a full state (end of epoch 0 here): the run repeats epoch 1 and ends where it ended."""
     truncate(run_copy / 'last.pth')
     truncate(run_copy / 'recovery.pth')
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
-                        check=True)
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
+                      check=True)
     assert f'resuming from {run_copy}/best.pth' in result.stderr
     assert_same_weights(model_state(run_copy / 'last.pth'), model_state(straight_run / 'last.pth'))
 
@@ -47,15 +45,15 @@ def test_resume_auto_falls_back_to_an_intact_best_checkpoint(run_copy, straight_
 def test_resume_refuses_another_configuration_unless_asked(run_copy, tiny_data):
     (run_copy / 'last.pth').unlink()  # continue from recovery.pth (epoch 1, step 9)
     before = file_digests(run_copy)
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
-                        '--lr', 0.2, '--smoothing', 0.1)
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
+                      '--lr', 0.2, '--smoothing', 0.1)
     assert result.returncode == 2
     assert one_line_error(result.stderr) == (
         f'error: {run_copy}/recovery.pth was written under another configuration (lr: 0.1 -> 0.2; smoothing: 0.0 -> '
         f'0.1); pass --allow-config-change to continue it anyway, or --output elsewhere for a new run')
     assert file_digests(run_copy) == before
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
-                        '--lr', 0.2, '--workers', 0, '--allow-config-change', check=True)
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
+                      '--lr', 0.2, '--workers', 0, '--allow-config-change', check=True)
     assert 'continuing' in result.stderr and 'lr: 0.1 -> 0.2' in result.stderr
 
 
@@ -63,10 +61,10 @@ def test_overwrite_removes_the_old_run_so_a_crash_cannot_resume_it(run_copy, tin
     """--overwrite with a new configuration, killed before its first checkpoint: --resume auto then starts the new
     run from scratch, rather than continuing the old run's recovery.pth under the new configuration."""
     args = [*BASE, '--data-dir', tiny_data, '--output', run_copy, '--lr', 0.05]
-    killed = run_script('train.py', *args, '--overwrite', env={'PGT_CRASH_WRITING': 'recovery.pth'})
+    killed = run_script('tests/crash_writing.py', 'recovery.pth', *args, '--overwrite')
     assert killed.returncode == -9
     assert not [p.name for p in run_copy.glob('*.pth')]
-    result = run_script('train.py', *args, '--resume', 'auto', '--epochs', 1, '--pgt-start-epoch', 0, check=True)
+    result = run_main('train.py', *args, '--resume', 'auto', '--epochs', 1, '--pgt-start-epoch', 0, check=True)
     assert 'no checkpoint in' in result.stderr and 'new run' in result.stderr
     assert torch.load(run_copy / 'last.pth', weights_only=True)['args']['lr'] == 0.05
 
@@ -88,7 +86,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(straight_run, 
     torch.save({**state, 'args': RunsCode(marker)}, crafted)
     for script, args in (('validate.py', ['--checkpoint', crafted]),
                          ('train.py', [*BASE, '--resume', crafted, '--output', tmp_path / 'run'])):
-        result = run_script(script, *args, '--data-dir', tiny_data)
+        result = run_main(script, *args, '--data-dir', tiny_data)
         assert result.returncode == 2, script
         assert one_line_error(result.stderr) == (
             f'error: cannot read checkpoint {crafted}: it holds a Python object (posix.system) that a checkpoint of '
@@ -105,14 +103,14 @@ def test_every_checkpoint_loads_with_weights_only(straight_run):
 
 
 def test_a_checkpoint_of_another_architecture_is_one_line_naming_both(straight_run, tiny_data, tmp_path):
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--resume', straight_run / 'last.pth',
-                        '--output', tmp_path / 'run', '--model', 'resnet34')
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--resume', straight_run / 'last.pth',
+                      '--output', tmp_path / 'run', '--model', 'resnet34')
     assert result.returncode == 2
-    assert one_line_error(result.stderr) == (f'error: {straight_run}/last.pth holds a resnet18 checkpoint; this run '
-                                             f'builds a resnet34')
+    assert one_line_error(result.stderr) == (f'error: {straight_run}/last.pth holds a test_resnet checkpoint; this '
+                                             f'run builds a resnet34')
     assert not (tmp_path / 'run').exists()
-    result = run_script('train.py', *BASE, '--data-dir', tiny_data, '--resume', straight_run / 'last.pth',
-                        '--output', tmp_path / 'run', '--num-classes', 5, '--allow-config-change')
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--resume', straight_run / 'last.pth',
+                      '--output', tmp_path / 'run', '--num-classes', 5, '--allow-config-change')
     assert result.returncode == 2
     assert one_line_error(result.stderr).startswith(
-        f'error: {straight_run}/last.pth does not fit a resnet18 with 5 classes (size mismatch for fc.weight')
+        f'error: {straight_run}/last.pth does not fit a test_resnet with 5 classes (size mismatch for fc.weight')

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import timm
@@ -15,17 +14,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.utils import CheckpointSaver
 
-from conftest import ROOT, run_script
+from conftest import BASE, ROOT, SMOKE, TINY, copy_run, run_main, run_script, torchrun_command, train_in_process
 from pgt.runlog import read_summary
-
-SMOKE = ROOT / 'configs' / 'smoke.yaml'
-
 
 
 @pytest.fixture(scope='module')
 def smoke_run(tiny_data, tmp_path_factory):
+    """The smoke recipe as first_run.sh trains it (ResNet-18, 6 epochs)."""
     run_dir = tmp_path_factory.mktemp('smoke') / 'run'
-    run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', run_dir, check=True)
+    train_in_process('--config', SMOKE, '--data-dir', tiny_data, '--output', run_dir)
     return run_dir
 
 
@@ -57,8 +54,8 @@ def test_tensorboard_holds_train_and_eval_scalars(smoke_run):
 
 
 def test_validate_reproduces_logged_top1_of_best_epoch(smoke_run, tiny_data):
-    result = run_script('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data, '--json',
-                        check=True)
+    result = run_main('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data, '--json',
+                      check=True)
     metrics = json.loads(result.stdout)
     rows = read_summary(smoke_run)
     best_row = rows[metrics['epoch']]
@@ -69,22 +66,20 @@ def test_validate_reproduces_logged_top1_of_best_epoch(smoke_run, tiny_data):
 
 
 def test_resolved_config_reproduces_the_run_configuration(smoke_run):
-    result = run_script('train.py', '--config', smoke_run / 'config.yaml', '--dry-run', check=True)
-    again = run_script('train.py', '--config', SMOKE, '--dry-run', check=True)
+    result = run_main('train.py', '--config', smoke_run / 'config.yaml', '--dry-run', check=True)
+    again = run_main('train.py', '--config', SMOKE, '--dry-run', check=True)
     resolved, original = result.stdout.splitlines(), again.stdout.splitlines()
     differing = set(resolved) ^ set(original)
     # Filled in at run time: the classes from the data, --amp-dtype auto once the device is known.
     assert differing == {'num_classes: 10', 'amp_dtype: bfloat16', 'amp_dtype: auto'}, differing
 
 
-def test_resume_after_an_epoch_gives_the_same_rows(tiny_data, tmp_path):
-    common = ['--config', SMOKE, '--data-dir', tiny_data, '--epochs', 2, '--cooldown-epochs', 1]
-    run_script('train.py', *common, '--output', tmp_path / 'straight', check=True)
-    run_script('train.py', *common, '--output', tmp_path / 'split', '--stop-after-epoch', 0, check=True)
-    assert len(read_summary(tmp_path / 'split')) == 1
-    run_script('train.py', *common, '--output', tmp_path / 'split', '--resume', 'auto', check=True)
-    straight, split = read_summary(tmp_path / 'straight'), read_summary(tmp_path / 'split')
-    assert len(straight) == len(split) == 3
+def test_resume_after_an_epoch_gives_the_same_rows(first_epoch_run, straight_run, tiny_data, tmp_path):
+    run_dir = copy_run(first_epoch_run, tmp_path / 'split')
+    assert len(read_summary(run_dir)) == 1
+    run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', check=True)
+    straight, split = read_summary(straight_run), read_summary(run_dir)
+    assert len(straight) == len(split) == 2
     for a, b in zip(straight, split):
         for key in ('train_loss', 'eval_loss', 'lr'):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), (a['epoch'], key)
@@ -93,11 +88,11 @@ def test_resume_after_an_epoch_gives_the_same_rows(tiny_data, tmp_path):
 
 def test_two_process_ddp_run(tiny_data, tmp_path):
     run_dir = tmp_path / 'ddp'
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', 'train.py',
-         '--config', str(SMOKE), '--data-dir', str(tiny_data), '--output', str(run_dir), '--epochs', '1',
-         '--cooldown-epochs', '0', '--pgt-start-epoch', '0', '--global-batch-size', '32', '--workers', '0'],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    result = subprocess.run(torchrun_command('--config', TINY, '--data-dir', tiny_data, '--output', run_dir,
+                                             '--epochs', 1, '--cooldown-epochs', 0, '--pgt-start-epoch', 0,
+                                             '--global-batch-size', 32),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(run_dir)
     assert len(rows) == 1 and math.isfinite(float(rows[0]['train_loss']))
@@ -130,7 +125,7 @@ def unchanged(folder):
 
 
 def test_missing_data_dir(tmp_path, previous_run):
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'nowhere', '--output', previous_run)
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', tmp_path / 'nowhere', '--output', previous_run)
     assert_clean_failure(result, 'data directory not found', 'nowhere')
     assert (previous_run / 'notes.txt').read_text() == 'keep me'
 
@@ -139,7 +134,7 @@ def test_split_without_class_folders(tmp_path, tiny_data):
     data = tmp_path / 'data'
     shutil.copytree(tiny_data / 'train', data / 'train')
     (data / 'val').mkdir()
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', data, '--output', tmp_path / 'run')
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', data, '--output', tmp_path / 'run')
     assert_clean_failure(result, 'val', 'no class folders')
 
 
@@ -148,35 +143,35 @@ def test_corrupt_jpeg_with_strict_data_names_the_file(tmp_path, tiny_data):
     shutil.copytree(tiny_data, data)
     broken = sorted((data / 'train').glob('*/*.JPEG'))[5]
     broken.write_bytes(broken.read_bytes()[:200])  # a truncated download
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', data, '--output', tmp_path / 'run',
-                        '--epochs', 1, '--strict-data')
+    result = run_main('train.py', '--config', TINY, '--data-dir', data, '--output', tmp_path / 'run',
+                      '--epochs', 1, '--strict-data')
     assert_clean_failure(result, 'cannot read image', broken.name)
 
 
 def test_unknown_model_suggests_close_names(tiny_data, previous_run):
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--model', 'resnet5O',
-                        '--output', previous_run)
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--model', 'resnet5O',
+                      '--output', previous_run)
     assert_clean_failure(result, "unknown model 'resnet5O'", 'resnet50')
     assert unchanged(previous_run)
 
 
 def test_missing_resume_path(tiny_data, tmp_path, previous_run):
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', previous_run,
-                        '--resume', tmp_path / 'gone' / 'last.pth')
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', previous_run,
+                      '--resume', tmp_path / 'gone' / 'last.pth')
     assert_clean_failure(result, 'checkpoint not found', 'gone')
     assert unchanged(previous_run) and not (tmp_path / 'gone').exists()
 
 
 def test_global_batch_not_divisible_by_world_size(tiny_data, previous_run):
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', previous_run,
-                        '--global-batch-size', 33, env={'WORLD_SIZE': '2'})
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', previous_run,
+                      '--global-batch-size', 33, env={'WORLD_SIZE': '2'})
     assert_clean_failure(result, '--global-batch-size 33', 'world size 2')
     assert unchanged(previous_run)
 
 
 def test_existing_run_is_not_overwritten(smoke_run, tiny_data):
     before = {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()}
-    result = run_script('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', smoke_run)
+    result = run_main('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', smoke_run)
     assert_clean_failure(result, 'already holds a run', '--resume auto')
     assert {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()} == before
 
@@ -210,16 +205,16 @@ def timm_checkpoint(smoke_run, out_dir):
 
 
 def test_validate_reads_a_timm_train_checkpoint_with_the_same_top1(smoke_run, tiny_data, tmp_path):
-    ours = json.loads(run_script('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data,
-                                 '--json', check=True).stdout)
+    ours = json.loads(run_main('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data,
+                               '--json', check=True).stdout)
     path = timm_checkpoint(smoke_run, tmp_path)
     same_transform = ['--img-size', 32, '--crop-pct', 0.875, '--interpolation', 'bilinear']
-    theirs = json.loads(run_script('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
-                                   *same_transform, check=True).stdout)
+    theirs = json.loads(run_main('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
+                                 *same_transform, check=True).stdout)
     assert theirs['top1'] == ours['top1'] and theirs['loss'] == pytest.approx(ours['loss'], rel=1e-6)
     assert (theirs['model'], theirs['epoch'], theirs['step']) == ('resnet18', 3, None)
-    default = json.loads(run_script('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
-                                    check=True).stdout)
+    default = json.loads(run_main('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
+                                  check=True).stdout)
     config = timm.data.resolve_data_config(model=timm.create_model('resnet18'))  # the model's own data config
     assert (default['img_size'], default['crop_pct'], default['interpolation']) == (
         config['input_size'][-1], config['crop_pct'], config['interpolation'])
@@ -228,11 +223,11 @@ def test_validate_reads_a_timm_train_checkpoint_with_the_same_top1(smoke_run, ti
 def test_validate_needs_a_model_name_for_a_bare_state_dict(smoke_run, tiny_data, tmp_path):
     bare = tmp_path / 'weights.pth'
     torch.save(torch.load(smoke_run / 'best.pth', weights_only=True)['state_dict'], bare)
-    result = run_script('validate.py', '--checkpoint', bare, '--data-dir', tiny_data)
+    result = run_main('validate.py', '--checkpoint', bare, '--data-dir', tiny_data)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f'error: {bare} does not name its model; pass --model NAME')
-    ok = run_script('validate.py', '--checkpoint', bare, '--model', 'resnet18', '--data-dir', tiny_data, '--json',
-                    '--img-size', 32, check=True)
+    ok = run_main('validate.py', '--checkpoint', bare, '--model', 'resnet18', '--data-dir', tiny_data, '--json',
+                  '--img-size', 32, check=True)
     assert json.loads(ok.stdout)['images'] == 80
 
 
@@ -271,11 +266,11 @@ def test_tensorboard_holds_the_hyperparameters_and_final_metrics(smoke_run):
     assert best == pytest.approx(max(float(r['eval_top1']) for r in read_summary(smoke_run)), abs=1e-4)
 
 
-def test_a_run_refused_by_its_checks_creates_no_directory(tiny_data, tmp_path):
+def test_a_run_refused_by_its_checks_creates_no_directory(tiny_data, tmp_path, monkeypatch):
     """The default --output is runs/<model>-<time>/ under the working directory: nothing may appear there."""
+    monkeypatch.chdir(tmp_path)
     for bad in (['--model-kwargs', 'no_such_argument=1'], ['--diagnostics', '--diagnostics-layers', 99]):
-        result = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--config', str(SMOKE), '--data-dir',
-                                 str(tiny_data), *map(str, bad)], cwd=tmp_path, capture_output=True, text=True)
+        result = run_main('train.py', '--config', SMOKE, '--data-dir', tiny_data, *bad)
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.strip().splitlines()[-1].startswith(('error: --model-kwargs', 'error: --diagnostics'))
         assert not (tmp_path / 'runs').exists()
@@ -289,6 +284,6 @@ def test_val_img_size_changes_only_evaluation(smoke_run, tiny_data):
     loaders = build_loaders(args, 0, 1, torch.device('cpu'))
     loaders.train.sampler.set_epoch(0)
     assert next(iter(loaders.train))[0].shape[-2:] == (32, 32) and next(iter(loaders.val))[0].shape[-2:] == (48, 48)
-    result = json.loads(run_script('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data,
-                                   '--val-img-size', 48, '--json', check=True).stdout)
+    result = json.loads(run_main('validate.py', '--checkpoint', smoke_run / 'best.pth', '--data-dir', tiny_data,
+                                 '--val-img-size', 48, '--json', check=True).stdout)
     assert result['img_size'] == 48 and result['images'] == 80

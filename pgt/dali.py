@@ -5,7 +5,7 @@ The same data as the torch backend: labels from torchvision's ImageFolder scan o
 folders), so checkpoints move between backends; training random-resized-crop (``--scale``, ``--ratio``), resize to
 ``--img-size`` with linear interpolation, horizontal flip ``--hflip``; evaluation resize of the shorter side to
 val_img_size / crop_pct and a centre crop. The pipelines end in uint8 CHW and the normalisation happens on the
-device, as for the torch backend (pgt.data.device_loader). Two differences to know: DALI always uses linear
+device, as for the torch backend (pgt.loaders.device_loader). Two differences to know: DALI always uses linear
 interpolation and no colour jitter (the published pipeline's choices, which the paper recipes also set), and exact
 mid-epoch resume is a property of the torch backend only (DALI's reader order is not restartable at a sample).
 
@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from .data import Loaders, check_same_classes, check_split, device_loader, scan_image_folder
 from .errors import DataError, UsageError
+from .folders import check_split, scan_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _import_dali():
 
 
 def image_list(data_dir, split: str) -> tuple[list[str], list[int], list[str]]:
-    """Files, labels and class names exactly as the torch backend assigns them (pgt.data.scan_image_folder)."""
+    """Files, labels and class names exactly as the torch backend assigns them (pgt.folders.scan_image_folder)."""
     classes, samples = scan_image_folder(check_split(data_dir, split))
     files, labels = zip(*samples) if samples else ((), ())
     return list(files), list(labels), classes
@@ -181,25 +181,24 @@ def _dali_setup(args, device: torch.device):
     return gpu, (device.index if device.type == 'cuda' else None)  # device_id None: DALI's CPU-only mode
 
 
-def build_dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
-    """The evaluation pipeline alone (validate.py); returns (device loader, class names)."""
+def dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
+    """The evaluation pipeline, every image once over the ranks: (loader, classes, images, None)."""
     gpu, device_id = _dali_setup(args, device)
     files, labels, classes = image_list(args.data_dir, split)
     loader = DaliLoader(_build_pipeline(False, files, labels, args, rank, world_size, gpu, device_id),
                         training=False, steps=None, files=files)
-    return device_loader(loader, args, device), classes
+    return loader, classes, len(files), None
 
 
-def build_dali_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+def dali_train_loader(args, rank: int, world_size: int, device: torch.device):
+    """The training pipeline, the same number of full batches on every rank: (loader, classes, images, None)."""
     gpu, device_id = _dali_setup(args, device)
-    train_files, train_labels, classes = image_list(args.data_dir, 'train')
-    val, val_classes = build_dali_val_loader(args, rank, world_size, device)
-    check_same_classes(val_classes, classes, f'{args.data_dir}/val', 'train/')
-    train_files, train_labels = pad_to_multiple(*seeded_order(train_files, train_labels, args.seed), world_size)
-    steps = len(train_files) // world_size // args.batch_size
-    if steps == 0:
-        raise UsageError(f'{args.data_dir}/train: {len(train_files)} images give no full batch of '
-                         f'{args.batch_size} per rank over {world_size} rank(s)')
-    train = DaliLoader(_build_pipeline(True, train_files, train_labels, args, rank, world_size, gpu, device_id),
-                       training=True, steps=steps, files=train_files)
-    return Loaders(device_loader(train, args, device), val, classes)
+    files, labels, classes = image_list(args.data_dir, 'train')
+    images = len(files)
+    files, labels = pad_to_multiple(*seeded_order(files, labels, args.seed), world_size)
+    steps = len(files) // world_size // args.batch_size
+    if steps == 0:  # no full batch: pgt.loaders refuses the run, and a pipeline would only be built to be dropped
+        return [], classes, images, None
+    loader = DaliLoader(_build_pipeline(True, files, labels, args, rank, world_size, gpu, device_id),
+                        training=True, steps=steps, files=files)
+    return loader, classes, images, None

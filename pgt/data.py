@@ -1,11 +1,10 @@
-"""Input pipelines: ImageNet-layout folders (and CIFAR-10) through torchvision with timm's transforms, and synthetic
-device data.
+"""The torch input backend (``--data-backend torch``): ImageNet-layout folders (and CIFAR-10) through torchvision with
+timm's transforms, in DataLoader worker processes.
 
-As timm's own loader does, workers decode and augment to uint8 tensors, and the batch is normalised on the device
-after a non-blocking copy: timm's ``fast_collate`` and ``PrefetchLoader`` (with a CUDA stream that prefetches the
-next batch where there is a GPU). A float32 image costs four times the bytes of its uint8 form in the workers, in
-shared memory and over PCIe; normalising on the device is free next to the step. Every loader yields device batches:
-images normalised in float32 (NCHW, channels-last strides with --channels-last), int64 targets.
+As timm's own loader does, workers decode and augment to uint8 tensors, collated by timm's ``fast_collate``; the
+batch is normalised on the device after a non-blocking copy (pgt.loaders.device_loader). A float32 image costs four
+times the bytes of its uint8 form in the workers, in shared memory and over PCIe; normalising on the device is free
+next to the step.
 
 The loader is built here rather than with timm's ``create_loader`` for two reasons the paper runs need: the training
 sampler must resume mid-epoch at the exact sample position (preemption), and validation must see every image exactly
@@ -15,89 +14,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data.loader import PrefetchLoader, fast_collate
+from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .distributed import barrier
 from .errors import DataError, UsageError
+from .folders import check_split, scan_image_folder
 from .preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 _MAX_WORKER_SLOTS = 256
-
-
-def check_split(data_dir: str | os.PathLike, split: str) -> Path:
-    """The folder ``data_dir/split`` must exist and hold class folders with images; name what is missing."""
-    if not data_dir:
-        raise UsageError('no --data-dir given (an ImageNet-layout folder with train/ and val/)')
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UsageError(f'data directory not found: {root}')
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise UsageError(f'{root}: no {split}/ folder (expected {split}/<class>/<image>.JPEG)')
-    classes = [d for d in split_dir.iterdir() if d.is_dir()]
-    if not classes:
-        loose = any(f.suffix.lower() in IMG_EXTENSIONS for f in split_dir.iterdir())
-        hint = ('; a raw ILSVRC2012 validation folder? scripts/prepare_imagenet.py sorts it into class folders'
-                if loose else '')
-        raise UsageError(f'{split_dir}: no class folders (expected {split}/<class>/<image>.JPEG){hint}')
-    if not any(f.suffix.lower() in IMG_EXTENSIONS for d in classes for f in d.iterdir()):
-        raise UsageError(f'{split_dir}: class folders hold no images ({", ".join(IMG_EXTENSIONS[:3])}, ...)')
-    return split_dir
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def scan_image_folder(split_dir: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes and (path, label) samples of an ImageNet-layout split, in torchvision ImageFolder's order, without
-    its two ways of mislabelling: ImageFolder follows every symbolic link, so a link inside one class folder that
-    points into another class (or into the split itself) silently relabels that class's images, and a link to an
-    ancestor folder loops. Here such links are reported with a warning and not followed; links that lead out of
-    the split (to a shared store, as dataset managers make them) are followed. Labels are as ImageFolder gives
-    them: class folders (links included) sorted by name."""
-    split_dir = os.fspath(split_dir)
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-    split_real = os.path.realpath(split_dir)
-    class_reals = [os.path.realpath(os.path.join(split_dir, name)) for name in classes]
-    samples, refused = [], []
-    for label, (name, own_real) in enumerate(zip(classes, class_reals)):
-        folders = {}  # folder path (as ImageFolder names it) -> image file names
-        stack, visited = [(os.path.join(split_dir, name), own_real)], {own_real}
-        while stack:
-            folder, folder_real = stack.pop()
-            files = folders.setdefault(folder, [])
-            for entry in os.scandir(folder):
-                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(folder_real, entry.name)
-                if entry.is_symlink() and os.path.exists(real) and not _inside(real, own_real) and (
-                        _inside(real, split_real) or any(_inside(real, other) for other in class_reals)):
-                    refused.append(f'{entry.path} -> {real} (outside its class folder)')
-                elif entry.is_dir():
-                    if real in visited:
-                        refused.append(f'{entry.path} -> {real} (a loop)')
-                    else:
-                        visited.add(real)
-                        stack.append((entry.path, real))
-                elif entry.name.lower().endswith(IMG_EXTENSIONS):
-                    files.append(entry.name)
-        samples += [(os.path.join(folder, f), label) for folder in sorted(folders) for f in sorted(folders[folder])]
-    if refused:
-        log.warning('%s: %d symbolic link(s) not followed, so that no image is read under another class: %s%s',
-                    split_dir, len(refused), '; '.join(refused[:5]), '; ...' if len(refused) > 5 else '')
-    return classes, samples
 
 
 class ImageFolderWithRecovery(ImageFolder):
@@ -284,14 +218,6 @@ def build_cifar_dataset(args, split: str, rank: int = 0) -> FolderCIFAR10:
                          f'data_batch_1-5 and test_batch); pass --dataset-download to fetch it') from None
 
 
-def device_loader(loader, args, device: torch.device) -> PrefetchLoader:
-    """uint8 NCHW batches to normalised float32 on the device, the next batch prefetched on a CUDA stream (timm's).
-
-    Channels-last comes after, in engine.to_device, as in timm's train.py: normalising an NHWC batch broadcasts
-    mean and std along a contiguous dimension of 3, which a CPU runs about three times slower."""
-    return PrefetchLoader(loader, mean=tuple(args.mean), std=tuple(args.std), device=device)
-
-
 def _loader_options(args, device: torch.device) -> dict:
     # The loader's own generator: its worker seeds must not draw from (and so shift) the training RNG stream.
     return dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
@@ -299,82 +225,30 @@ def _loader_options(args, device: torch.device) -> dict:
                 collate_fn=fast_collate)
 
 
-def build_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
-    """The evaluation loader of the torch backend, every image once over the ranks: (loader, dataset)."""
-    dataset = build_cifar_dataset(args, split, rank) if getattr(args, 'dataset', None) == 'cifar10' else \
-        build_dataset(args, split)
+def _split_dataset(args, split: str, rank: int):
+    if getattr(args, 'dataset', None) == 'cifar10':
+        return build_cifar_dataset(args, split, rank)
+    return build_dataset(args, split)
+
+
+def _counting(dataset):
+    """The dataset if it counts the unreadable images it met (ImageNet folders), else None (CIFAR's arrays)."""
+    return dataset if isinstance(dataset, ImageFolderWithRecovery) else None
+
+
+def torch_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
+    """The evaluation loader, every image once over the ranks: (loader, classes, images, counting dataset)."""
+    dataset = _split_dataset(args, split, rank)
     loader = DataLoader(dataset, batch_size=args.batch_size, **_loader_options(args, device),
                         sampler=ShardedSampler(len(dataset), rank, world_size, shuffle=False, pad=False))
-    return device_loader(loader, args, device), dataset
+    return loader, list(dataset.classes), len(dataset), _counting(dataset)
 
 
-def check_same_classes(found: list[str], expected: list[str], where: str, expected_from: str) -> None:
-    """A model evaluated on class folders other than those it was trained on reports a meaningless top-1: refuse."""
-    if found != expected:
-        different = sorted(set(found) ^ set(expected))
-        example = f'e.g. {", ".join(different[:3])}' if different else 'the same names in another order'
-        raise UsageError(f'{where}: class folders differ from those of {expected_from} ({len(found)} vs '
-                         f'{len(expected)} classes; {example})')
-
-
-@dataclass
-class Loaders:
-    train: object
-    val: object
-    classes: list[str]
-    train_dataset: object = None  # the torch backend's, which counts unreadable images
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def build_torch_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
-    cifar = args.dataset == 'cifar10'
-    train_set = build_cifar_dataset(args, 'train', rank) if cifar else build_dataset(args, 'train')
-    val, val_set = build_val_loader(args, rank, world_size, device)
-    check_same_classes(train_set.classes, val_set.classes, f'{args.data_dir}/val', 'train/')
-    train_sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed, pad=True,
-                                   batch_size=args.batch_size, seed_samples=True)
-    train = DataLoader(SeededSamples(train_set), batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
-                       **_loader_options(args, device))
-    if len(train) == 0:
-        raise UsageError(f'{args.data_dir}/train: {len(train_set)} images give no full batch of {args.batch_size} '
-                         f'per rank over {world_size} rank(s)')
-    return Loaders(device_loader(train, args, device), val, list(train_set.classes),
-                   None if cifar else train_set)
-
-
-class SyntheticLoader:
-    """The same random batch ``steps`` times, made on the device: measures the step without any input cost."""
-
-    def __init__(self, batch_size: int, img_size: int, num_classes: int, steps: int, device, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
-        self.targets = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
-        self.steps = steps
-        self.sampler = ShardedSampler(steps * batch_size, batch_size=batch_size, shuffle=False)
-        self.batch_size = batch_size
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def __iter__(self):
-        for _ in range(len(self)):
-            yield self.images, self.targets
-
-
-def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
-    """The seam between train.py and the input backends."""
-    if args.data_backend == 'synthetic':
-        classes = args.num_classes or 1000
-        train = SyntheticLoader(args.batch_size, args.img_size, classes, args.synthetic_steps, device, args.seed)
-        val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
-        return Loaders(train, val, [f'class_{i}' for i in range(classes)])
-    if args.data_backend == 'dali':
-        if args.dataset != 'imagefolder':
-            raise UsageError(f'--data-backend dali reads ImageNet-layout folders; --dataset {args.dataset} needs '
-                             f'--data-backend torch')
-        from .dali import build_dali_loaders
-        return build_dali_loaders(args, rank, world_size, device)
-    return build_torch_loaders(args, rank, world_size, device)
+def torch_train_loader(args, rank: int, world_size: int, device: torch.device):
+    """The training loader, resumable at any batch: (loader, classes, images, counting dataset)."""
+    dataset = _split_dataset(args, 'train', rank)
+    sampler = ShardedSampler(len(dataset), rank, world_size, shuffle=True, seed=args.seed, pad=True,
+                             batch_size=args.batch_size, seed_samples=True)
+    loader = DataLoader(SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        **_loader_options(args, device))
+    return loader, list(dataset.classes), len(dataset), _counting(dataset)

@@ -74,6 +74,15 @@ class EpochMeters:
         z = lambda dtype: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
         return cls(z(torch.float64), z(torch.int64), z(torch.int64), z(torch.int64))
 
+    def add(self, losses: list[torch.Tensor], logits: list[torch.Tensor], targets: list[torch.Tensor],
+            finite: torch.Tensor) -> None:
+        """Count one update's micro-batches, or only the skip when ``finite`` is False (no sync: device selects)."""
+        for loss, out, target in zip(losses, logits, targets):
+            self.loss_sum += torch.where(finite, loss.double() * target.shape[0], 0.0)
+            self.correct += torch.where(finite, (out.argmax(-1) == target).sum(), 0)
+            self.seen += torch.where(finite, target.shape[0], 0)
+        self.skipped_steps += (~finite).long()
+
     def state_dict(self):
         return {k: v.cpu() for k, v in self.__dict__.items()}
 
@@ -212,54 +221,60 @@ def train_one_epoch(parts: TrainingParts, loader, device: torch.device, accum_st
     meters = meters or EpochMeters.zeros(device)
     streak = streak or SkipStreak.zeros(device)
     steps_in_epoch = start_step + math.ceil(len(loader) / accum_steps)
-    step, images_seen, timer, waited, micro = start_step, 0, None, [0.0], []
-
-    def update():
-        nonlocal step, images_seen, timer
+    batches = TimedBatches(loader)
+    step, images_seen, timer = start_step, 0, None
+    for micro in accumulated(batches, parts, device, accum_steps):
         losses, logits, grad_norm = train_step(parts, [(x, y) for x, y, _ in micro], device)
         finite = torch.isfinite(grad_norm)
-        for loss, out, (_, _, y) in zip(losses, logits, micro):
-            meters.loss_sum += torch.where(finite, loss.double() * y.shape[0], 0.0)
-            meters.correct += torch.where(finite, (out.argmax(-1) == y).sum(), 0)
-            meters.seen += torch.where(finite, y.shape[0], 0)
-        meters.skipped_steps += (~finite).long()
+        meters.add(losses, logits, [hard for *_, hard in micro], finite)
         streak.update(finite)
         step += 1
-        images = sum(y.shape[0] for _, _, y in micro)
+        images = sum(hard.shape[0] for *_, hard in micro)
         if timer is None:  # time from the end of the first step: excludes start-up and compilation
             timer = _synchronized_clock(device)
         else:
             images_seen += images
         if on_step is not None:
-            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm, images, waited[0]))
+            on_step(StepEvent(step, steps_in_epoch, meters, logits[-1], losses[-1], grad_norm, images,
+                              batches.waited))
+    elapsed = _synchronized_clock(device) - timer if timer is not None else 0.0
+    return epoch_metrics(meters, images_seen, elapsed)
 
-    for images, targets in _timed(loader, waited):
+
+def accumulated(batches, parts: TrainingParts, device: torch.device, accum_steps: int):
+    """The micro-batches of each update, [(images, targets, hard targets), ...] on the device (targets mixed when
+    mixup or cutmix is on): ``accum_steps`` per update, and the epoch's remainder as a last, smaller one."""
+    micro = []
+    for images, targets in batches:
         images, targets = to_device(images, targets, device, parts.channels_last)
         hard = targets
         if parts.mixup is not None:
             images, targets = parts.mixup(images, targets)
         micro.append((images, targets, hard))
         if len(micro) == accum_steps:
-            update()
+            yield micro
             micro = []
-    if micro:  # the epoch's last, partial accumulation
-        update()
-    elapsed = _synchronized_clock(device) - timer if timer is not None else 0.0
-    return epoch_metrics(meters, images_seen, elapsed)
+    if micro:
+        yield micro
 
 
-def _timed(loader, waited: list[float]):
-    """Iterate ``loader``, adding to ``waited[0]`` the host time spent waiting for each batch."""
-    iterator = iter(loader)
-    while True:
-        start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        finally:
-            waited[0] += time.perf_counter() - start
-        yield batch
+class TimedBatches:
+    """Iterates a loader, adding up in ``waited`` the host time spent waiting for its batches."""
+
+    def __init__(self, loader):
+        self.loader, self.waited = loader, 0.0
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield batch
 
 
 def _synchronized_clock(device: torch.device) -> float:

@@ -15,6 +15,20 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch
                                momentum=args.momentum, **extra)
 
 
+# Optimizer options that choose an implementation, not the trajectory: the optimizer built for this run keeps its own
+# on resume. A checkpoint written on a CPU (or before fused SGD was used) holds fused=None; loaded as it is into a
+# fused CUDA optimizer, GradScaler.step fails with "Expected grad_scale and found_inf to be None".
+IMPLEMENTATION_OPTIONS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this optimizer's implementation options."""
+    own = [{key: group[key] for key in IMPLEMENTATION_OPTIONS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, own):
+        group.update(options)
+
+
 def clip_parameters(model: torch.nn.Module, clip_mode: str) -> list[torch.Tensor]:
     """What gradient clipping acts on, as timm's train.py chooses it (``model_parameters(model, exclude_head='agc'
     in clip_mode)``): every parameter for norm and value clipping; for AGC all but the classifier, which Brock et

@@ -43,7 +43,7 @@ def _cuda_skip(name: str) -> Check | None:
 def check_data_tree(args) -> tuple[Check, list[str]]:
     """Class and image counts of train/ and val/ (the suite's own scan, pgt.data) against ImageNet-1k's; returns the
     check and the training files."""
-    from .data import check_split, scan_image_folder
+    from .folders import check_split, scan_image_folder
     scans = {split: scan_image_folder(check_split(args.data_dir, split)) for split in ('train', 'val')}
     counts = {split: (len(classes), len(samples)) for split, (classes, samples) in scans.items()}
     detail = (f'train {counts["train"][0]} classes, {counts["train"][1]:,} images; val {counts["val"][0]} classes, '
@@ -268,7 +268,7 @@ def measure_step(args, device, steps: int) -> float:
 
 def measure_loader(args, device, batches: int) -> float:
     """Images/s of the recipe's training loader on the data tree (after its first batch)."""
-    from .data import build_loaders
+    from .loaders import build_loaders
     loader = build_loaders(args, 0, 1, device).train
     loader.sampler.set_epoch(0)
     count, start, seen = 0, None, 0

@@ -35,7 +35,7 @@ from .optim import total_epochs
 from .paper import TABLES, PaperRun, experiments, paper_runs, seed_runs
 from .plots import accuracy_curves_figure, alpha_sweep_figure, filter_norms_figure, grid_figure, save_figure
 from .runlog import read_summary
-from .stats import Difference, difference, summarize
+from .stats import difference, summarize
 
 TITLES = {'1': 'Table 1: networks with batch normalisation', '2': 'Table 2: ResNet-18 without batch normalisation',
           '3': 'Table 3: ResNet-50, schedules and label smoothing', 'fig3c': 'Fig. 3(c): 60 epochs',

@@ -22,7 +22,8 @@ import torch
 
 from .checkpoint import load_weights
 from .config import resolve_device_settings
-from .data import build_val_loader, check_same_classes
+from .folders import check_same_classes
+from .loaders import build_val_loader
 from .distributed import init_distributed, shutdown
 from .engine import AMP_DTYPES, evaluate
 from .errors import CliParser, UsageError, run_cli
@@ -104,17 +105,8 @@ def data_settings(args, model, trained: dict) -> SimpleNamespace:
     return SimpleNamespace(**chosen, img_size=chosen['val_img_size'], data_dir=args.data_dir,
                            dataset=args.dataset or trained.get('dataset', 'imagefolder'), dataset_download=False,
                            strict_data=False, batch_size=args.batch_size or trained.get('batch_size', 128),
-                           workers=args.workers, seed=0, dali_device=args.dali_device,
+                           workers=args.workers, seed=0, data_backend=args.data_backend, dali_device=args.dali_device,
                            channels_last=args.channels_last)
-
-
-def build_loader(args, data_args, env):
-    """(device loader, class names) on the chosen backend."""
-    if args.data_backend == 'dali':
-        from .dali import build_dali_val_loader
-        return build_dali_val_loader(data_args, env.rank, env.world_size, env.device, args.split)
-    loader, dataset = build_val_loader(data_args, env.rank, env.world_size, env.device, args.split)
-    return loader, list(dataset.classes)
 
 
 def evaluate_checkpoint(args, env) -> dict:
@@ -124,7 +116,7 @@ def evaluate_checkpoint(args, env) -> dict:
     trained = (info.get('args') or {}) if info.get('classes') else {}  # only this suite's configuration is ours
     model, name, num_classes = build_model(args, weights, info)
     data_args = data_settings(args, model, trained)
-    loader, classes = build_loader(args, data_args, env)
+    loader, classes = build_val_loader(data_args, env.rank, env.world_size, env.device, args.split)
     where = f'{args.data_dir}/{args.split}'
     if info.get('classes'):
         check_same_classes(classes, info['classes'], where, f'the checkpoint {args.checkpoint}')

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from pgt import PowerGradCrossEntropy, power_grad_cross_entropy
-from pgt.data import ShardedSampler, SeededSamples, _loader_options, build_dataset, build_loaders, device_loader
+from pgt.data import ShardedSampler, SeededSamples, _loader_options, build_dataset
+from pgt.loaders import build_loaders, device_loader
 from pgt.engine import AMP_DTYPES, TrainingParts, make_scaler, train_step
 from pgt.errors import CliParser, UsageError, run_cli
 from pgt.models import create_model
@@ -129,6 +130,12 @@ def synthetic_batch(args, device):
     return images, torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
 
 
+def step_inputs(args):
+    """The device, the precisions to time and the synthetic batch of the step and diagnostics modes."""
+    device, dtypes = device_and_dtypes(args)
+    return device, dtypes, synthetic_batch(args, device)
+
+
 def time_steps(parts, batch, device, steps):
     times = []
     for _ in range(steps):
@@ -141,8 +148,7 @@ def time_steps(parts, batch, device, steps):
 
 def bench_step(args) -> list[dict]:
     """Cross-entropy (alpha 1) and PGT (alpha) on the same model and batch, in alternating blocks."""
-    device, dtypes = device_and_dtypes(args)
-    batch = synthetic_batch(args, device)
+    device, dtypes, batch = step_inputs(args)
     results = []
     for model_name in args.models:
         for dtype_name in dtypes:
@@ -207,8 +213,7 @@ def bench_loss(args) -> list[dict]:
 
 def bench_diagnostics(args) -> list[dict]:
     from pgt.diagnostics import Diagnostics
-    device, dtypes = device_and_dtypes(args)
-    batch = synthetic_batch(args, device)
+    device, dtypes, batch = step_inputs(args)
     results = []
     for model_name in args.models:
         parts = build_parts(model_name, args, device, DTYPES[dtypes[0]], False, args.alpha)

@@ -16,11 +16,11 @@ from pgt.errors import UsageError
 from pgt.runlog import read_summary
 
 dali = pytest.importorskip('nvidia.dali', reason='NVIDIA DALI is optional (requirements-dali.txt)')
-from pgt.dali import build_dali_loaders  # noqa: E402
+from pgt.loaders import build_loaders  # noqa: E402
 
 
 def dali_args(data_dir, **overrides):
-    base = dict(data_dir=str(data_dir), dali_device='cpu', batch_size=8, workers=2, seed=0, img_size=32,
+    base = dict(data_dir=str(data_dir), data_backend='dali', dali_device='cpu', batch_size=8, workers=2, seed=0, img_size=32,
                 val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
                 scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, amp=False, amp_dtype='float16',
                 channels_last=False, dataset='imagefolder', mean=list(IMAGENET_DEFAULT_MEAN),
@@ -34,7 +34,7 @@ def labels_of(loader):
 
 def test_labels_equal_imagefolder(tiny_data):
     from torchvision.datasets import ImageFolder
-    loaders = build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu'))
+    loaders = build_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu'))
     assert labels_of(loaders.val) == ImageFolder(str(tiny_data / 'val')).targets  # same files, same order
     assert sorted(labels_of(loaders.train)) == sorted(ImageFolder(str(tiny_data / 'train')).targets)
     assert loaders.num_classes == 10
@@ -43,7 +43,7 @@ def test_labels_equal_imagefolder(tiny_data):
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_training_batch_shape_dtype_layout_and_range(tiny_data, channels_last):
     """NCHW whatever --channels-last: the training loop converts after normalising (engine.to_device)."""
-    loader = build_dali_loaders(dali_args(tiny_data, channels_last=channels_last), 0, 1, torch.device('cpu')).train
+    loader = build_loaders(dali_args(tiny_data, channels_last=channels_last), 0, 1, torch.device('cpu')).train
     images, labels = next(iter(loader))
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.is_contiguous()
@@ -53,7 +53,7 @@ def test_training_batch_shape_dtype_layout_and_range(tiny_data, channels_last):
 def test_pipelines_hand_uint8_batches_normalised_on_the_device_as_the_float_formula(tiny_data):
     """The DALI pipeline ends in uint8 (its CMN no longer normalises); the device loader's batch is
     (x / 255 - mean) / std of those bytes, computed here in float64."""
-    loader = build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val
+    loader = build_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val
     raw, _ = next(iter(loader.loader))  # the DaliLoader inside the device loader
     assert raw.dtype == torch.uint8 and raw.shape == (8, 3, 32, 32) and raw.is_contiguous()
     normalised, _ = next(iter(loader))
@@ -66,7 +66,7 @@ def test_pipelines_hand_uint8_batches_normalised_on_the_device_as_the_float_form
 def unique_label_order(data, seed, world_size=1):
     labels = []
     for rank in range(world_size):
-        loader = build_dali_loaders(dali_args(data, batch_size=4, seed=seed), rank, world_size,
+        loader = build_loaders(dali_args(data, batch_size=4, seed=seed), rank, world_size,
                                     torch.device('cpu')).train
         labels.append(labels_of(loader))
     return labels
@@ -85,7 +85,7 @@ def test_the_training_order_depends_on_the_seed(tmp_path):
 def test_validation_pixels_match_the_torchvision_pipeline(tiny_data):
     """Same decode, resize to 256/224 of the size, centre crop and normalisation as timm's eval transform."""
     from torchvision.datasets import ImageFolder
-    images, _ = next(iter(build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val))
+    images, _ = next(iter(build_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val))
     samples = ImageFolder(str(tiny_data / 'val')).samples[:8]
     transform = build_transform(dali_args(tiny_data), training=False)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
@@ -111,7 +111,7 @@ def test_two_shards_cover_the_training_set_once_per_epoch(tmp_path, count, batch
     data = unique_label_tree(tmp_path / 'unique', count)
     seen = []
     for rank in (0, 1):
-        loaders = build_dali_loaders(dali_args(data, batch_size=batch), rank, 2, torch.device('cpu'))
+        loaders = build_loaders(dali_args(data, batch_size=batch), rank, 2, torch.device('cpu'))
         assert len(loaders.train) == -(-count // 2) // batch  # the same number of steps on both ranks
         seen += labels_of(loaders.train)
     padding = (-count) % 2  # the file list is padded by repeating files until it divides by 2
@@ -123,7 +123,7 @@ def test_two_shards_evaluate_each_validation_image_once(tmp_path):
     data = unique_label_tree(tmp_path / 'unique', 25)
     seen = []
     for rank in (0, 1):
-        seen += labels_of(build_dali_loaders(dali_args(data, batch_size=4), rank, 2, torch.device('cpu')).val)
+        seen += labels_of(build_loaders(dali_args(data, batch_size=4), rank, 2, torch.device('cpu')).val)
     assert sorted(seen) == list(range(25))
 
 
@@ -146,7 +146,7 @@ def test_missing_dali_is_a_one_line_error(tiny_data, monkeypatch):
     monkeypatch.setitem(sys.modules, 'nvidia.dali', None)  # import nvidia.dali now fails as if not installed
     with pytest.raises(UsageError, match='needs NVIDIA DALI, which is not installed: pip install -r '
                                          'requirements-dali.txt') as error:
-        build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu'))
+        build_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu'))
     assert '\n' not in str(error.value)
 
 
@@ -154,7 +154,7 @@ def test_gpu_decoding_without_cuda_is_a_one_line_error(tiny_data):
     if torch.cuda.is_available():
         pytest.skip('this machine has CUDA: the GPU request is valid here')
     with pytest.raises(UsageError, match='--dali-device gpu needs CUDA'):
-        build_dali_loaders(dali_args(tiny_data, dali_device='gpu'), 0, 1, torch.device('cpu'))
+        build_loaders(dali_args(tiny_data, dali_device='gpu'), 0, 1, torch.device('cpu'))
 
 
 def test_empty_data_directory_is_a_one_line_error(tmp_path):
@@ -168,7 +168,7 @@ def test_empty_data_directory_is_a_one_line_error(tmp_path):
 def test_an_abandoned_epoch_does_not_shift_the_next_one(tiny_data):
     """Taking one batch (the diagnostics probe) and leaving must not make the next full pass start mid-epoch."""
     from torchvision.datasets import ImageFolder
-    val = build_dali_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val
+    val = build_loaders(dali_args(tiny_data), 0, 1, torch.device('cpu')).val
     first = next(iter(val))
     assert labels_of(val) == ImageFolder(str(tiny_data / 'val')).targets
     assert torch.equal(next(iter(val))[0], first[0])
@@ -176,12 +176,12 @@ def test_an_abandoned_epoch_does_not_shift_the_next_one(tiny_data):
 
 @pytest.mark.parametrize('world_size', [1, 2])
 def test_epoch_length_agrees_with_the_torch_backend(tiny_data, world_size):
-    from pgt.data import build_torch_loaders
     for batch in (8, 12, 32):
         args = dali_args(tiny_data, batch_size=batch, strict_data=False, workers=0)
         for rank in range(world_size):
-            dali = build_dali_loaders(args, rank, world_size, torch.device('cpu'))
-            torch_loaders = build_torch_loaders(args, rank, world_size, torch.device('cpu'))
+            dali = build_loaders(args, rank, world_size, torch.device('cpu'))
+            torch_loaders = build_loaders(dali_args(tiny_data, batch_size=batch, strict_data=False, workers=0,
+                                                    data_backend='torch'), rank, world_size, torch.device('cpu'))
             assert len(dali.train) == len(torch_loaders.train), (batch, rank)
 
 
@@ -199,6 +199,6 @@ def test_validate_with_dali_agrees_with_torch(paper_runs, tiny_data):
 
 
 def test_val_img_size_changes_only_evaluation(tiny_data):
-    loaders = build_dali_loaders(dali_args(tiny_data, val_img_size=48), 0, 1, torch.device('cpu'))
+    loaders = build_loaders(dali_args(tiny_data, val_img_size=48), 0, 1, torch.device('cpu'))
     assert next(iter(loaders.train))[0].shape[-2:] == (32, 32)
     assert next(iter(loaders.val))[0].shape[-2:] == (48, 48)

@@ -15,7 +15,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 import pgt.checkpoint as checkpoint
 from pgt import PowerGradCrossEntropy
 from pgt.config import auto_amp_dtype, resolve_device_settings
-from pgt.data import SeededSamples, ShardedSampler, build_dataset, build_torch_loaders
+from pgt.data import SeededSamples, ShardedSampler, build_dataset
+from pgt.loaders import build_loaders
 from pgt.engine import TrainingParts, make_scaler, to_device, train_one_epoch, train_step
 from pgt.errors import UsageError
 from pgt.optim import clip_parameters
@@ -127,7 +128,7 @@ def test_every_image_of_the_epoch_is_counted_under_accumulation():
 # ---- uint8 batches, normalised on the device
 
 def loader_args(data_dir, **overrides):
-    base = dict(data_dir=str(data_dir), dataset='imagefolder', batch_size=8, workers=0, seed=3, img_size=32,
+    base = dict(data_dir=str(data_dir), data_backend='torch', dataset='imagefolder', batch_size=8, workers=0, seed=3, img_size=32,
                 val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
                 scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, strict_data=False,
                 channels_last=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD))
@@ -139,7 +140,7 @@ def test_torch_backend_batches_equal_the_float_pipeline(tiny_data, channels_last
     """Workers hand uint8; on the device the batch is timm's float transform (ToTensor, Normalize) of the same
     seeded samples, in the layout the model trains in once to_device has run."""
     args = loader_args(tiny_data, channels_last=channels_last)
-    loaders = build_torch_loaders(args, 0, 1, CPU)
+    loaders = build_loaders(args, 0, 1, CPU)
     loaders.train.sampler.set_epoch(0)
     raw, _ = next(iter(loaders.train.loader))  # the DataLoader inside the device loader: what workers hand over
     assert raw.dtype == torch.uint8 and raw.is_contiguous()
@@ -158,7 +159,7 @@ def test_torch_backend_batches_equal_the_float_pipeline(tiny_data, channels_last
 
 def test_validation_batches_equal_the_float_pipeline(tiny_data):
     args = loader_args(tiny_data)
-    val = build_torch_loaders(args, 0, 1, CPU).val
+    val = build_loaders(args, 0, 1, CPU).val
     images, _ = next(iter(val))
     transform = create_transform(32, is_training=False, interpolation='bilinear', crop_pct=0.875)
     samples = sorted((tiny_data / 'val').glob('*/*.JPEG'))[:8]

@@ -14,7 +14,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from conftest import BASE, ROOT, TINY, copy_run, file_digests, one_line_error, run_main, user_namespaces_work
 from pgt.dali import image_list
-from pgt.data import ImageFolderWithRecovery, scan_image_folder
+from pgt.data import ImageFolderWithRecovery
+from pgt.folders import scan_image_folder
 
 
 

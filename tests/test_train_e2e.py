@@ -278,7 +278,7 @@ def test_a_run_refused_by_its_checks_creates_no_directory(tiny_data, tmp_path, m
 
 def test_val_img_size_changes_only_evaluation(smoke_run, tiny_data):
     from pgt.config import finalize_args, parse_config
-    from pgt.data import build_loaders
+    from pgt.loaders import build_loaders
     args = finalize_args(parse_config(['--config', str(SMOKE), '--data-dir', str(tiny_data), '--val-img-size', '48',
                                        '--workers', '0']), world_size=1)
     loaders = build_loaders(args, 0, 1, torch.device('cpu'))

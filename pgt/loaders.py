@@ -1,0 +1,92 @@
+"""The one face of the input backends: train.py, validate.py and the tools ask here for loaders, and this module picks
+the backend (``--data-backend``): torch (pgt.data: DataLoader workers), dali (pgt.dali: NVIDIA DALI pipelines) or
+synthetic (one random device batch, for measuring the step alone).
+
+Every loader built here yields device batches: images normalised in float32 (NCHW; the training loop makes them
+channels-last where asked, after normalising), int64 targets. The backends hand uint8 batches; ``device_loader``
+normalises them on the device after a non-blocking copy, with timm's PrefetchLoader (which also prefetches the next
+batch on a CUDA stream where there is a GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.data.loader import PrefetchLoader
+
+from .data import ShardedSampler, torch_train_loader, torch_val_loader
+from .errors import UsageError
+from .folders import check_same_classes
+
+
+@dataclass
+class Loaders:
+    train: object
+    val: object
+    classes: list[str]
+    train_dataset: object = None  # the torch backend's, which counts unreadable images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def device_loader(loader, args, device: torch.device) -> PrefetchLoader:
+    """uint8 NCHW batches to normalised float32 on the device, the next batch prefetched on a CUDA stream (timm's).
+
+    Channels-last comes after, in engine.to_device, as in timm's train.py: normalising an NHWC batch broadcasts
+    mean and std along a contiguous dimension of 3, which a CPU runs about three times slower."""
+    return PrefetchLoader(loader, mean=tuple(args.mean), std=tuple(args.std), device=device)
+
+
+class SyntheticLoader:
+    """The same random batch ``steps`` times, made on the device: measures the step without any input cost."""
+
+    def __init__(self, batch_size: int, img_size: int, num_classes: int, steps: int, device, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
+        self.targets = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
+        self.steps = steps
+        self.sampler = ShardedSampler(steps * batch_size, batch_size=batch_size, shuffle=False)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield self.images, self.targets
+
+
+def _backend(args):
+    """The backend module's (train loader, val loader) builders for --data-backend."""
+    if args.data_backend != 'dali':
+        return torch_train_loader, torch_val_loader
+    if getattr(args, 'dataset', 'imagefolder') != 'imagefolder':
+        raise UsageError(f'--data-backend dali reads ImageNet-layout folders; --dataset {args.dataset} needs '
+                         f'--data-backend torch')
+    from .dali import dali_train_loader, dali_val_loader  # DALI is optional: imported only when asked for
+    return dali_train_loader, dali_val_loader
+
+
+def build_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
+    """The evaluation loader alone (validate.py), every image once over the ranks: (device loader, class names)."""
+    loader, classes, _, _ = _backend(args)[1](args, rank, world_size, device, split)
+    return device_loader(loader, args, device), classes
+
+
+def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
+    """The training and evaluation loaders of a run, their class lists checked against each other."""
+    if args.data_backend == 'synthetic':
+        classes = args.num_classes or 1000
+        train = SyntheticLoader(args.batch_size, args.img_size, classes, args.synthetic_steps, device, args.seed)
+        val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
+        return Loaders(train, val, [f'class_{i}' for i in range(classes)])
+    train_builder, val_builder = _backend(args)
+    train, classes, images, dataset = train_builder(args, rank, world_size, device)
+    val, val_classes, _, _ = val_builder(args, rank, world_size, device)
+    check_same_classes(val_classes, classes, f'{args.data_dir}/val', 'train/')
+    if len(train) == 0:
+        raise UsageError(f'{args.data_dir}/train: {images} images give no full batch of {args.batch_size} per rank '
+                         f'over {world_size} rank(s)')
+    return Loaders(device_loader(train, args, device), device_loader(val, args, device), classes, dataset)

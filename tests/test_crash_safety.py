@@ -162,6 +162,7 @@ def test_a_skipped_step_leaves_weights_optimizer_and_batch_norm_statistics_uncha
 EPOCH_END_WRITES = ['summary.csv', 'best.pth', 'epoch_1.pth', 'last.pth']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('first_crash', EPOCH_END_WRITES)
 def test_kill_9_during_each_epoch_end_write_then_resume(first_crash, straight_run, tiny_data, tmp_path):
     """SIGKILL half-way through writing ``first_crash`` at the end of epoch 0, then again half-way through the second

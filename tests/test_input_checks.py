@@ -203,6 +203,7 @@ def test_read_only_output_directory(tiny_data, tmp_path):
     assert one_line_error(result.stderr) == f'error: cannot write to --output {read_only}/run: Read-only file system'
 
 
+@pytest.mark.slow
 def test_sync_batch_norm_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path):
     """torch's SyncBatchNorm runs on CUDA only: two CPU ranks with --sync-bn stop before anything is written."""
     from conftest import torchrun_command

@@ -57,6 +57,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(str
     assert summary_values(run_dir) == summary_values(straight_run)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchruns_process_group_saves_and_resumes_exactly(straight_run_2_ranks, tiny_data, tmp_path):
     """The agent is signalled with its group; it sends SIGTERM to each rank's process group (workers included).
     The ranks agree on the signal every --signal-check-interval (4) steps: both stop after the same step, a multiple
@@ -115,6 +116,7 @@ def test_ranks_agree_on_a_signal_every_k_steps_and_at_the_epoch_end(tmp_path):
     assert answers == str([False] * 7 + [True, False, True])
 
 
+@pytest.mark.slow
 def test_torchrun_restart_after_a_killed_rank_reproduces_weights_and_every_metric(straight_run_2_ranks, tiny_data,
                                                                                    tmp_path):
     """Each rank saves and restores its own partial-epoch meters: the resumed epoch's train loss and top-1 are those

@@ -109,6 +109,7 @@ def slurm_stand_ins(tmp_path):
     return bin_dir, log
 
 
+@pytest.mark.slow
 def test_the_array_script_runs_under_stand_ins_for_srun_and_scontrol(tmp_path, slurm_stand_ins):
     """Two tasks of the array, each running train.py --dry-run through torchrun as the node would."""
     bin_dir, calls = slurm_stand_ins

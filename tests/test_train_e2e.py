@@ -86,6 +86,7 @@ def test_resume_after_an_epoch_gives_the_same_rows(first_epoch_run, straight_run
         assert a['train_top1'] == b['train_top1'] and a['eval_top1'] == b['eval_top1']
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run(tiny_data, tmp_path):
     run_dir = tmp_path / 'ddp'
     result = subprocess.run(torchrun_command('--config', TINY, '--data-dir', tiny_data, '--output', run_dir,

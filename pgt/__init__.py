@@ -4,4 +4,4 @@ from .transform import (PowerGradCrossEntropy, power_grad_cross_entropy, power_t
 
 __all__ = ['PowerGradCrossEntropy', 'power_grad_cross_entropy', 'power_transform', 'stationary_threshold',
            'target_distribution']
-__version__ = '0.2.0'  # as pyproject.toml
+__version__ = '0.3.0'  # as pyproject.toml

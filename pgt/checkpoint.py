@@ -1,12 +1,15 @@
 """Checkpoints and run directories that survive crashes, full disks and preemption.
 
 Files in a run directory: ``last.pth`` (end of the latest epoch), ``best.pth`` (best eval top-1), ``epoch_<N>.pth``
-(every --checkpoint-interval epochs) and ``recovery.pth`` (every --recovery-interval steps within an epoch, and on a
-preemption signal). Each holds everything needed to continue the same trajectory: the model weights under timm's key
-``state_dict`` (with the model name under ``arch``), optimizer, gradient scaler, the position (epoch, step within
-it), each rank's metric accumulators of a partial epoch and RNG states. The learning rate is a function of the
-position (train.py steps the scheduler to it), so no scheduler state is stored. timm reads the weights as they are:
-``timm.create_model(name, checkpoint_path='best.pth')``, timm's validate.py and ``load_checkpoint``.
+(end of epoch N, every --checkpoint-interval epochs) and ``recovery.pth`` (every --recovery-interval steps within an
+epoch, and on a preemption signal). Each holds everything needed to continue the same trajectory: the model weights
+under timm's key ``state_dict`` (with the model name under ``arch``), optimizer, gradient scaler, the position, each
+rank's metric accumulators of a partial epoch and RNG states. The position is counted as timm and summary.csv count
+epochs: ``epoch`` is the (0-based) epoch the weights belong to, ``step`` the updates done in it out of
+``epoch_steps``, all of them at an epoch end; ``version`` 2 tells timm's own resume that the next epoch is
+``epoch + 1``. The learning rate is a function of the position (train.py steps the scheduler to it), so no scheduler
+state is stored. timm reads the weights as they are: ``timm.create_model(name, checkpoint_path='best.pth')``, timm's
+validate.py and ``load_checkpoint``.
 
 Every file holds only tensors, numbers, strings, lists and dicts, so it is read with ``torch.load(weights_only=True)``:
 loading a checkpoint never runs code from it.
@@ -39,6 +42,7 @@ from .errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ('state_dict', 'optimizer', 'epoch', 'step')
+CHECKPOINT_VERSION = 2  # timm's: a checkpoint's 'epoch' is the last epoch it trained, so training resumes at epoch + 1
 
 
 class CheckpointWriteError(RunError):
@@ -84,6 +88,26 @@ def rank_state(state: dict, rank: int, world_size: int) -> tuple[dict, dict | No
     if rank != 0 or not partial:
         return rng, None
     return rng, {key: sum(m[key] for m in partial) for key in partial[0]}
+
+
+# ---- positions in a run
+
+def resume_position(state: dict) -> tuple[int, int]:
+    """Where training continues from a checkpoint: (epoch, updates of it already done); the next epoch when the
+    checkpoint's epoch is complete. A checkpoint without ``epoch_steps`` (written before 0.3) recorded this position
+    itself."""
+    epoch, step = int(state['epoch']), int(state['step'])
+    if 'epoch_steps' not in state:
+        return epoch, step
+    return (epoch + 1, 0) if step >= int(state['epoch_steps']) else (epoch, step)
+
+
+def position_text(state: dict) -> str:
+    """Where a checkpoint is in its run, for messages: 'end of epoch 3', or 'epoch 3 step 40/100' within it."""
+    epoch, step = resume_position(state)
+    if step == 0:
+        return f'end of epoch {epoch - 1}'
+    return f'epoch {epoch} step {step}' + (f'/{state["epoch_steps"]}' if 'epoch_steps' in state else '')
 
 
 # ---- atomic writes
@@ -217,7 +241,8 @@ def load_weights(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict, 
     checkpoint-<N>.pth.tar; the published code's are of this kind, from a 2021 timm) or a bare state dict. Read with
     ``weights_only=True``: timm's train.py pickles its arguments as an argparse.Namespace, which is plain data and
     allowed here; anything that could run code is still refused. Returns (state_dict without DDP's 'module.'
-    prefix, info), info holding what the file records of 'arch', 'args' (a dict), 'epoch', 'step' and 'classes'."""
+    prefix, info), info holding what the file records of 'arch', 'args' (a dict), 'epoch', 'step', 'epoch_steps' and
+    'classes'."""
     from timm.models import clean_state_dict
     path = Path(path)
     state = _load(path, allowed=(argparse.Namespace,))
@@ -230,7 +255,8 @@ def load_weights(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict, 
         raise UsageError(f'{path} holds no model weights (no state_dict, and not a bare state dict)')
     args = state.get('args') if key else None
     info = {'arch': state.get('arch') if key else None, 'epoch': state.get('epoch') if key else None,
-            'step': state.get('step') if key else None, 'classes': state.get('classes'),
+            'step': state.get('step') if key else None, 'epoch_steps': state.get('epoch_steps') if key else None,
+            'classes': state.get('classes'),
             'args': vars(args) if isinstance(args, argparse.Namespace) else args}
     return clean_state_dict(weights), info
 
@@ -244,7 +270,7 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
 
 
 def _readable_positions(paths: list[Path], problems: list[str]) -> list[tuple[tuple[int, int], Path]]:
-    """(epoch, step) of each path that loads and is complete; the others are added to ``problems``."""
+    """The resume position of each path that loads and is complete; the others are added to ``problems``."""
     found = []
     for path in paths:
         try:
@@ -258,13 +284,13 @@ def _readable_positions(paths: list[Path], problems: list[str]) -> list[tuple[tu
             problems.append(f'{path}: incomplete (no {", ".join(missing)})')
             log.warning('skipping %s: incomplete (no %s)', path, ', '.join(missing))
             continue
-        found.append(((int(state['epoch']), int(state['step'])), path))
+        found.append((resume_position(state), path))
     return found
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """The checkpoint to continue ``run_dir`` from: of recovery.pth and last.pth, the one furthest along the run
-    (largest (epoch, step), not the newest file). best.pth and epoch_<N>.pth are written before last.pth at an epoch
+    (the largest resume position, not the newest file). best.pth and epoch_<N>.pth are written before last.pth at an epoch
     end, so they are resume points only when neither of the two is readable: resuming from one of them while
     last.pth is stale would skip the epoch-end writes that a crash interrupted. Damaged files are skipped with a
     warning. None when the directory holds no checkpoint at all; a UsageError when it holds checkpoints but none is

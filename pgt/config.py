@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=42)
     g.add_argument('--log-interval', type=int, default=50, metavar='STEPS')
     g.add_argument('--checkpoint-interval', type=int, default=0, metavar='EPOCHS',
-                   help='also keep epoch_<N>.pth every N epochs (0: only last and best)')
+                   help='also keep epoch_<E>.pth, the end of epoch E, every N epochs (0: only last and best)')
     g.add_argument('--recovery-interval', type=int, default=0, metavar='STEPS',
                    help='write recovery.pth every N training steps within an epoch (0: off)')
     g.add_argument('--signal-check-interval', type=int, default=10, metavar='STEPS',

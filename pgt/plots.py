@@ -41,20 +41,21 @@ def _label_panels(axes, first: int = 0) -> None:
 
 
 def _integer_log_axis(ax, last: int) -> None:
-    """A log axis of 1-based epochs with integer tick labels (1, 2, 5, 10, 20, 50, 100, ...)."""
-    ax.set_xscale('log')
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= max(last, 1)]
+    """The papers' log axis of epochs, with the epochs numbered from 0 as summary.csv numbers them: symmetric-log
+    (linear from 0 to 1, logarithmic beyond), integer tick labels 0, 1, 2, 5, 10, 20, 50, ..."""
+    ax.set_xscale('symlog', linthresh=1.0, linscale=0.5)
+    ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= max(last, 1)]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _mean_and_band(runs: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(epochs 1-based, mean, std) over seeds, on the epochs that every seed has reached."""
+    """(epochs, mean, std) over seeds, on the epochs that every seed has reached."""
     length = min(len(rows) for rows in runs)
     values = np.array([[float(r[key]) for r in rows[:length]] for rows in runs])
     std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(length)
-    return np.arange(1, length + 1), values.mean(axis=0), std
+    return np.array([int(r['epoch']) for r in runs[0][:length]]), values.mean(axis=0), std
 
 
 def accuracy_curves_figure(curves: dict[str, list[list[dict]]], title: str,

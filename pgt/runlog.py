@@ -65,6 +65,12 @@ def _open_train_log(path: Path) -> None:
     _handlers.append(handler)
 
 
+def epoch_label(epoch: int, num_epochs: int) -> str:
+    """'epoch 3/5': epoch 3 of epochs 0-5. Epochs count from 0 everywhere, as in timm's summary.csv: log lines,
+    summary.csv, checkpoints (their 'epoch' and epoch_<N>.pth), validate.py and the report's figures."""
+    return f'epoch {epoch}/{num_epochs - 1}'
+
+
 def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
@@ -114,7 +120,7 @@ class RunLog:
 
     def start_epoch(self, epoch: int, num_epochs: int, steps: int, done: int = 0):
         if self.enabled:
-            self.bar = tqdm(total=steps, initial=done, desc=f'epoch {epoch + 1}/{num_epochs}', unit='step',
+            self.bar = tqdm(total=steps, initial=done, desc=epoch_label(epoch, num_epochs), unit='step',
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=False, disable=None)
             self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
             self.interval = {'time': time.perf_counter(), 'step': done, 'images': 0, 'data': 0.0}
@@ -133,7 +139,7 @@ class RunLog:
             self.scalar(f'train_step/{name}', value, global_step)
 
     def _interval_line(self, event, scalars: dict) -> str:
-        """'epoch E step S/T: loss .. | N img/s, data P% | eta H:MM:SS (run H:MM:SS)', as of this interval."""
+        """'epoch E/L step S/T: loss .. | N img/s, data P% | eta H:MM:SS (run H:MM:SS)', as of this interval."""
         now, interval = time.perf_counter(), self.interval
         seconds = max(now - interval['time'], 1e-9)
         per_step = seconds / max(event.step - interval['step'], 1)
@@ -142,8 +148,8 @@ class RunLog:
         run_left = left + (self.num_epochs - self.epoch - 1) * self.steps
         self.interval = {'time': now, 'step': event.step, 'images': 0, 'data': event.data_seconds}
         values = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items())
-        return (f'epoch {self.epoch} step {event.step}/{self.steps}: {values} | {rate:.0f} img/s, data '
-                f'{100 * min(waiting, 1.0):.0f}% | eta {_duration(left * per_step)} '
+        return (f'{epoch_label(self.epoch, self.num_epochs)} step {event.step}/{self.steps}: {values} | '
+                f'{rate:.0f} img/s, data {100 * min(waiting, 1.0):.0f}% | eta {_duration(left * per_step)} '
                 f'(run {_duration(run_left * per_step)})')
 
     def scalar(self, tag: str, value: float, step: int):
@@ -171,9 +177,9 @@ class RunLog:
                 self.scalar(f'hparams/{name}', value, epoch)
         self._tensorboard('flush')
         write_summary(self.summary, self.rows)
-        log.info('epoch %d: train loss %.4f top-1 %.2f | eval loss %.4f top-1 %.2f top-5 %.2f | lr %.4g | %.0f img/s',
-                 epoch, train['loss'], train['top1'], evaluation['loss'], evaluation['top1'], evaluation['top5'], lr,
-                 train['img_per_sec'])
+        log.info('%s: train loss %.4f top-1 %.2f | eval loss %.4f top-1 %.2f top-5 %.2f | lr %.4g | %.0f img/s',
+                 epoch_label(epoch, self.num_epochs), train['loss'], train['top1'], evaluation['loss'],
+                 evaluation['top1'], evaluation['top5'], lr, train['img_per_sec'])
 
     def close(self):
         if self.enabled:

@@ -81,7 +81,7 @@ def main(argv) -> int:
     scheduler, num_epochs = build_scheduler(optimizer, args, steps_per_epoch)
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp else None
     state = TrainState(run_dir, model, optimizer, make_scaler(env.device, amp_dtype), SkipStreak.zeros(env.device),
-                       env, resolved_config(args), loaders.classes)
+                       env, resolved_config(args), loaders.classes, steps_per_epoch)
     start_epoch, start_step, meters = state.restore(*resume) if resume else (0, 0, None)
 
     # ---- the run directory: created only now that nothing above refused the run

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import rank_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_VERSION, position_text, rank_state, resume_position, rng_state, save_checkpoint,
+                         set_rng_state)
 from .distributed import all_gather_object, run_on_main
 from .engine import EpochMeters, SkipStreak
 from .errors import TrainingDiverged
@@ -22,11 +23,12 @@ from .optim import load_optimizer_state
 
 class TrainState:
     def __init__(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, streak: SkipStreak, env, run_config: dict, classes: list[str]):
+                 scaler: torch.amp.GradScaler, streak: SkipStreak, env, run_config: dict, classes: list[str],
+                 epoch_steps: int):
         self.run_dir, self.model, self.optimizer, self.scaler, self.streak = run_dir, model, optimizer, scaler, streak
-        self.env, self.run_config, self.classes = env, run_config, classes
+        self.env, self.run_config, self.classes, self.epoch_steps = env, run_config, classes, epoch_steps
         self.best = {'top1': -1.0, 'epoch': -1}
-        self.newest: str | None = None  # 'PATH (epoch E, step S)' of the newest checkpoint, for messages
+        self.newest: str | None = None  # 'PATH (end of epoch E)' of the newest checkpoint, for messages
 
     def restore(self, path: Path, state: dict) -> tuple[int, int, EpochMeters | None]:
         """Load a checkpoint of this run; returns where to continue: (epoch, step, this rank's meters of a partial
@@ -37,19 +39,20 @@ class TrainState:
         self.scaler.load_state_dict(state['scaler'])
         self.streak.load_state_dict(state['skip_streak'])
         self.best = dict(state['best'])
-        epoch, step = state['epoch'], state['step']
+        epoch, step = resume_position(state)
         rng, meters = rank_state(state, self.env.rank, self.env.world_size)
         set_rng_state(rng)
-        self.newest = f'{path} (epoch {epoch}, step {step})'
+        self.newest = f'{path} ({position_text(state)})'
         return epoch, step, EpochMeters.from_state(meters, self.env.device) if meters and step else None
 
     def checkpoint(self, epoch: int, step: int, meters: EpochMeters | None) -> dict:
-        """Everything to continue from (epoch, step), every rank's RNG state and partial-epoch meters included (a
-        collective: every rank calls it)."""
+        """Everything to continue after update ``step`` of epoch ``epoch`` (all of its updates at an epoch end),
+        every rank's RNG state and partial-epoch meters included (a collective: every rank calls it)."""
         ranks = all_gather_object({'rng': rng_state(), 'meters': meters.state_dict() if meters is not None else None})
         return {'state_dict': self.model.state_dict(), 'arch': self.run_config['model'],
                 'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(), 'epoch': epoch,
-                'step': step, 'best': dict(self.best), 'skip_streak': self.streak.state_dict(), 'ranks': ranks,
+                'step': step, 'epoch_steps': self.epoch_steps, 'version': CHECKPOINT_VERSION,
+                'best': dict(self.best), 'skip_streak': self.streak.state_dict(), 'ranks': ranks,
                 'world_size': self.env.world_size, 'args': self.run_config,
                 'num_classes': self.run_config['num_classes'], 'classes': self.classes}
 
@@ -61,21 +64,21 @@ class TrainState:
             save_checkpoint(state, [self.run_dir / name for name in names])
 
         run_on_main(check_and_write, self.env.is_main)
-        self.newest = f'{self.run_dir / names[-1]} (epoch {state["epoch"]}, step {state["step"]})'
+        self.newest = f'{self.run_dir / names[-1]} ({position_text(state)})'
 
     def save_recovery(self, epoch: int, step: int, meters: EpochMeters) -> None:
         self.write(self.checkpoint(epoch, step, meters), ['recovery.pth'])
 
     def save_epoch_end(self, epoch: int, eval_top1: float, checkpoint_interval: int) -> None:
         """The epoch-end files, in the order that makes a crash between them resumable (pgt.checkpoint): best.pth if
-        this epoch is the best so far, epoch_<N>.pth every ``checkpoint_interval`` epochs, last.pth."""
+        this epoch is the best so far, epoch_<epoch>.pth after every ``checkpoint_interval`` epochs, last.pth."""
         names = []
         if eval_top1 > self.best['top1']:
             self.best = {'top1': eval_top1, 'epoch': epoch}
             names.append('best.pth')
         if checkpoint_interval and (epoch + 1) % checkpoint_interval == 0:
-            names.append(f'epoch_{epoch + 1}.pth')
-        self.write(self.checkpoint(epoch + 1, 0, None), names + ['last.pth'])
+            names.append(f'epoch_{epoch}.pth')
+        self.write(self.checkpoint(epoch, self.epoch_steps, None), names + ['last.pth'])
 
     def newest_line(self) -> str:
         return f'the newest checkpoint is {self.newest}' if self.newest else 'no checkpoint had been written'

@@ -148,12 +148,15 @@ def main(argv) -> int:
 
 
 def position(info: dict) -> dict:
-    """Where in training the weights come from. This suite's checkpoints hold (epoch, step) where training
-    continues: step 0 means the end of epoch - 1, a recovery checkpoint is within its epoch. timm's hold the epoch
-    only."""
-    if info.get('step') is None:
-        return {'epoch': info.get('epoch'), 'step': None}
-    return {'epoch': info['epoch'] - 1 if info['step'] == 0 else info['epoch'], 'step': info['step']}
+    """Where in training the weights come from: the epoch (0-based, as timm and summary.csv count them) and, for a
+    checkpoint written within its epoch (recovery.pth), the updates done in it; step None at an epoch end, and for
+    timm's checkpoints, which record the epoch only."""
+    epoch, step, total = info.get('epoch'), info.get('step'), info.get('epoch_steps')
+    if step is None:
+        return {'epoch': epoch, 'step': None}
+    if total is None:  # written before 0.3: the position where training continues
+        return {'epoch': epoch - 1 if step == 0 else epoch, 'step': step or None}
+    return {'epoch': epoch, 'step': None if step >= total else step}
 
 
 def format_table(result: dict) -> str:

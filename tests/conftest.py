@@ -60,13 +60,20 @@ def script_module(path: str):
     return module
 
 
-def run_main(program: str, *args, env=None, check=False) -> subprocess.CompletedProcess:
+class Terminal(io.StringIO):
+    """A captured stream that says it is a terminal, so that progress bars draw on it as on a user's screen."""
+
+    def isatty(self):
+        return True
+
+
+def run_main(program: str, *args, env=None, check=False, terminal=False) -> subprocess.CompletedProcess:
     """``program``'s main run in this process as its command runs it (pgt.errors.run_cli: the exit code, one error
     line on stderr), without the ~4 s of interpreter start-up and imports that a subprocess pays. For what needs no
     process of its own: refusals, resumes, validation. Signals, kills and launchers still run the real program
     (run_script, start_training). Signal handlers and the environment are restored afterwards."""
     module = importlib.import_module(PROGRAMS[program]) if program in PROGRAMS else script_module(program)
-    stdout, stderr, code = io.StringIO(), io.StringIO(), None
+    stdout, stderr, code = io.StringIO(), Terminal() if terminal else io.StringIO(), None
     handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     saved_env = dict(os.environ)
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
@@ -168,7 +175,7 @@ def train_in_process(*args) -> int:
             signal.signal(s, handler)
 
 
-STEP_LINE = r'epoch (\d+) step (\d+)/\d+:'  # the interval line of pgt.runlog
+STEP_LINE = r'epoch (\d+)/\d+ step (\d+)/\d+:'  # the interval line of pgt.runlog
 
 
 def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> None:

@@ -105,7 +105,7 @@ def test_divergence_stops_with_exit_3_and_never_writes_over_a_good_checkpoint(fi
                       '--epochs', 4, '--lr', 1e4, '--warmup-epochs', 0, '--allow-config-change')
     assert result.returncode == 3
     line = one_line_error(result.stderr)
-    assert 'non-finite' in line and f'the newest checkpoint is {run_dir}/last.pth (epoch 1, step 0)' in line
+    assert 'non-finite' in line and f'the newest checkpoint is {run_dir}/last.pth (end of epoch 0)' in line
     assert {name: d for name, d in file_digests(run_dir).items() if name in CHECKPOINTS} == before
     assert_finite_checkpoints(run_dir)
 
@@ -159,7 +159,7 @@ def test_a_skipped_step_leaves_weights_optimizer_and_batch_norm_statistics_uncha
 
 # ---- kill -9 at each write of an epoch end
 
-EPOCH_END_WRITES = ['summary.csv', 'best.pth', 'epoch_1.pth', 'last.pth']
+EPOCH_END_WRITES = ['summary.csv', 'best.pth', 'epoch_0.pth', 'last.pth']
 
 
 @pytest.mark.slow
@@ -181,7 +181,7 @@ def test_kill_9_during_each_epoch_end_write_then_resume(first_crash, straight_ru
     assert best['best'] == straight_best['best'] and best['epoch'] == straight_best['epoch']
     assert_same_weights(best['state_dict'], straight_best['state_dict'])
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
-    assert sorted(p.name for p in run_dir.glob('epoch_*.pth')) == ['epoch_1.pth', 'epoch_2.pth']
+    assert sorted(p.name for p in run_dir.glob('epoch_*.pth')) == ['epoch_0.pth', 'epoch_1.pth']
 
 
 def test_a_tensorboard_failure_is_one_warning_and_the_summary_is_still_written(tmp_path, caplog):
@@ -204,11 +204,11 @@ def test_the_epoch_end_files_are_one_file_linked_under_each_name(tiny_data, tmp_
     run_dir = tmp_path / 'run'
     train_in_process(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--epochs', 1, '--checkpoint-interval', 1,
                      '--recovery-interval', 0, '--workers', 0, '--pgt-start-epoch', 0)
-    names = ('best.pth', 'epoch_1.pth', 'last.pth')
+    names = ('best.pth', 'epoch_0.pth', 'last.pth')
     inodes = {os.stat(run_dir / name).st_ino for name in names}
     assert len(inodes) == 1 and os.stat(run_dir / 'last.pth').st_nlink == 3
     state = torch.load(run_dir / 'best.pth', weights_only=True)
-    assert (state['epoch'], state['step']) == (1, 0) and not list(run_dir.glob('.*.tmp'))
+    assert (state['epoch'], state['step'], state['epoch_steps']) == (0, 10, 10) and not list(run_dir.glob('.*.tmp'))
 
 
 def test_without_hard_links_each_name_gets_a_full_copy(tmp_path, monkeypatch):

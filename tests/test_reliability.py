@@ -24,7 +24,7 @@ def last_step(lines, epoch):
 def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(straight_run, tiny_data, tmp_path):
     run_dir = tmp_path / 'killed'
     process = start_training(*BASE, '--data-dir', tiny_data, '--output', run_dir)
-    lines = read_until(process, r'epoch 1 step 5/')  # past the recovery checkpoint of step 3 of the second epoch
+    lines = read_until(process, r'epoch 1/1 step 5/')  # past the recovery checkpoint of step 3 of the second epoch
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     recovery = torch.load(run_dir / 'recovery.pth', weights_only=True)
@@ -42,7 +42,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(str
     run_dir = tmp_path / 'preempted'
     process = start_training(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--recovery-interval', 0,
                              '--workers', 2)
-    lines = read_until(process, r'epoch 1 step 2/')
+    lines = read_until(process, r'epoch 1/1 step 2/')
     os.killpg(process.pid, signal.SIGTERM)
     _, rest = process.communicate(timeout=120)
     assert process.returncode == 75, rest[-3000:]
@@ -68,7 +68,7 @@ def test_sigterm_to_torchruns_process_group_saves_and_resumes_exactly(straight_r
     two_ranks = [*BASE, '--data-dir', tiny_data, '--output', run_dir, '--global-batch-size', 32, '--workers', 2,
                  '--recovery-interval', 0, '--resume', 'auto', '--signal-check-interval', 4]
     agent = start_training(command=torchrun_command(*two_ranks))
-    seen = last_step(read_until(agent, r'epoch 0 step 3/'), 0)
+    seen = last_step(read_until(agent, r'epoch 0/1 step 3/'), 0)
     os.killpg(agent.pid, signal.SIGTERM)
     _, rest = agent.communicate(timeout=120)
     stops = re.findall(r'stopped: SIGTERM at epoch 0 step (\d+): recovery checkpoint', rest)
@@ -125,7 +125,7 @@ def test_torchrun_restart_after_a_killed_rank_reproduces_weights_and_every_metri
     agent = start_training(command=torchrun_command(*BASE, '--data-dir', tiny_data, '--output', run_dir,
                                                     '--global-batch-size', 32, '--workers', 0, '--resume', 'auto',
                                                     max_restarts=1))
-    read_until(agent, r'epoch 1 step 5/')  # mid second epoch; the recovery checkpoint of step 3 exists
+    read_until(agent, r'epoch 1/1 step 5/')  # mid second epoch; the recovery checkpoint of step 3 exists
     ranks = subprocess.run(['pgrep', '-P', str(agent.pid)], capture_output=True, text=True).stdout.split()
     assert len(ranks) == 2
     os.kill(int(ranks[-1]), signal.SIGKILL)
@@ -150,8 +150,9 @@ def test_signal_during_start_up_stops_with_one_line_and_changes_nothing(straight
 
 
 def test_checkpoint_furthest_along_is_resumed_and_truncated_ones_are_skipped(tmp_path, caplog):
-    state = {'state_dict': {'w': torch.ones(3)}, 'args': {}, 'optimizer': {}, 'epoch': 1, 'step': 4}
-    save_checkpoint({**state, 'epoch': 2, 'step': 0}, tmp_path / 'last.pth')
+    state = {'state_dict': {'w': torch.ones(3)}, 'args': {}, 'optimizer': {}, 'epoch': 1, 'step': 4,
+             'epoch_steps': 10}
+    save_checkpoint({**state, 'step': 10}, tmp_path / 'last.pth')  # the end of epoch 1
     save_checkpoint(state, tmp_path / 'recovery.pth')  # newer file, earlier position: a stale recovery checkpoint
     assert find_resume_checkpoint(tmp_path)[0].name == 'last.pth'
     data = (tmp_path / 'last.pth').read_bytes()
@@ -177,10 +178,10 @@ def test_consecutive_skips_are_counted_across_the_epoch_boundary(poisoned_loss, 
     argv = [*map(str, BASE), '--data-dir', str(tiny_data), '--output', str(run_dir), '--workers', '0',
             '--max-skipped-steps', '4', '--recovery-interval', '0']
     with pytest.raises(train.TrainingDiverged, match=r'4 consecutive steps .* by epoch 1 step 2 .* the newest '
-                                                     r'checkpoint is .*last.pth \(epoch 1, step 0\)'):
+                                                     r'checkpoint is .*last.pth \(end of epoch 0\)'):
         train.main(argv)
     last = torch.load(run_dir / 'last.pth', weights_only=True)
-    assert last['epoch'] == 1 and last['skip_streak'] == {'current': 2}
+    assert last['epoch'] == 0 and last['skip_streak'] == {'current': 2}
     assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
 
 

@@ -180,8 +180,10 @@ def test_fig3_log_axes_integer_epochs_bands_reference_lines_and_outside_legend(t
                                                                                 'test_acc': 70.208}})
     axes = fig.axes
     assert [ax.get_title(loc='left') for ax in axes] == ['(a)', '(b)']
-    assert all(ax.get_xscale() == 'log' and ax.get_yscale() == 'log' for ax in axes)  # the papers' log-log axes
-    assert [t for t in axes[0].get_xticks()] == [1, 2, 5, 10] and axes[0].get_xlabel() == 'epoch'
+    # The papers' log-log axes, with epochs from 0 as summary.csv numbers them (symmetric-log: linear below 1).
+    assert all(ax.get_xscale() == 'symlog' and ax.get_yscale() == 'log' for ax in axes)
+    assert [t for t in axes[0].get_xticks()] == [0, 1, 2, 5, 10] and axes[0].get_xlabel() == 'epoch'
+    assert list(axes[0].lines[0].get_xdata()) == list(range(12))  # the rows' own epoch numbers
     assert axes[0].get_ylabel() == 'train top-1 (%)' and axes[1].get_ylabel() == 'test top-1 (%)'
     assert len(axes[1].collections) == 1  # one band: the row with two seeds
     assert [line.get_ydata()[0] for line in axes[1].lines if line.get_linestyle() == '--'] == [70.208]

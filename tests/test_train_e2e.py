@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm.utils import CheckpointSaver
 
 from conftest import BASE, ROOT, SMOKE, TINY, copy_run, run_main, run_script, torchrun_command, train_in_process
+from pgt.plots import accuracy_curves_figure
 from pgt.runlog import read_summary
 
 
@@ -240,7 +241,7 @@ def test_pretrained_weights_without_a_network_are_one_line(tiny_data):
 
 
 NUMBER = r'[\d.]+(?:e[+-]\d+)?'
-INTERVAL_LINE = (rf'INFO epoch \d+ step (\d+)/10: loss {NUMBER} lr {NUMBER} grad_norm {NUMBER} \| \d+ img/s, data '
+INTERVAL_LINE = (rf'INFO epoch \d+/5 step (\d+)/10: loss {NUMBER} lr {NUMBER} grad_norm {NUMBER} \| \d+ img/s, data '
                  r'\d+% \| eta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)$')
 
 
@@ -248,7 +249,35 @@ def test_train_log_holds_the_interval_lines(smoke_run):
     lines = (smoke_run / 'train.log').read_text().splitlines()
     steps = [int(m.group(1)) for line in lines if (m := re.search(INTERVAL_LINE, line))]
     assert steps == [5, 10] * 6  # --log-interval 5 of the smoke recipe, 10 steps per epoch, 6 epochs
-    assert any('epoch 5: train loss' in line for line in lines)
+    assert any('epoch 5/5: train loss' in line for line in lines)
+
+
+def test_epoch_numbers_agree_in_log_bar_summary_checkpoints_validate_and_figures(tiny_data, tmp_path):
+    """Epochs count from 0 everywhere, as timm's summary.csv counts them."""
+    run_dir = tmp_path / 'run'
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--checkpoint-interval', 1,
+                      terminal=True, check=True)
+    rows = read_summary(run_dir)
+    epochs = [int(row['epoch']) for row in rows]
+    assert epochs == [0, 1]
+    log = (run_dir / 'train.log').read_text()
+    assert [int(e) for e in re.findall(r'INFO epoch (\d+)/1: train loss', log)] == epochs
+    assert sorted({int(e) for e in re.findall(r'INFO epoch (\d+)/1 step \d+/10:', log)}) == epochs
+    bars = re.findall(r'epoch (\d+)/1: +\d+%\|', result.stderr)  # tqdm's bar on the terminal
+    assert sorted({int(e) for e in bars}) == epochs
+    best_row = max(rows, key=lambda row: float(row['eval_top1']))  # the first best: best.pth moves on improvement
+    best = torch.load(run_dir / 'best.pth', weights_only=True)
+    assert best['epoch'] == best['best']['epoch'] == int(best_row['epoch'])
+    assert f'best eval top-1 {float(best_row["eval_top1"]):.2f} at epoch {best_row["epoch"]}' in result.stderr
+    for epoch in epochs:
+        state = torch.load(run_dir / f'epoch_{epoch}.pth', weights_only=True)
+        assert state['epoch'] == epoch and state['step'] == state['epoch_steps'] == 10
+    assert torch.load(run_dir / 'last.pth', weights_only=True)['epoch'] == epochs[-1]
+    validated = json.loads(run_main('validate.py', '--checkpoint', run_dir / 'best.pth', '--data-dir', tiny_data,
+                                    '--json', check=True).stdout)
+    assert (validated['epoch'], validated['step']) == (best['epoch'], None)
+    figure = accuracy_curves_figure({'run': [rows]}, 'epochs')
+    assert [list(line.get_xdata()) for line in figure.axes[0].lines] == [epochs]
 
 
 def test_tensorboard_holds_the_hyperparameters_and_final_metrics(smoke_run):

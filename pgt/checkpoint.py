@@ -290,8 +290,8 @@ def _readable_positions(paths: list[Path], problems: list[str]) -> list[tuple[tu
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """The checkpoint to continue ``run_dir`` from: of recovery.pth and last.pth, the one furthest along the run
-    (the largest resume position, not the newest file). best.pth and epoch_<N>.pth are written before last.pth at an epoch
-    end, so they are resume points only when neither of the two is readable: resuming from one of them while
+    (the largest resume position, not the newest file). best.pth and epoch_<N>.pth are written before last.pth at an
+    epoch end, so they are resume points only when neither of the two is readable: resuming from one of them while
     last.pth is stale would skip the epoch-end writes that a crash interrupted. Damaged files are skipped with a
     warning. None when the directory holds no checkpoint at all; a UsageError when it holds checkpoints but none is
     readable (a new run there would overwrite what is left of the old one)."""

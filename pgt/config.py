@@ -5,7 +5,8 @@ names a parent recipe (relative to the file) merged underneath, ``paper`` holds 
 row, train_acc, test_acc, baseline, note), which the report reads, and ``grid`` lists the values a grid-search recipe
 sweeps (pgt.paper). A ``null`` value means the option's default. Everything is checked before a run starts: an
 unknown key or a value of the wrong type names the key, the file and the closest known option. A timm train.py
-``args.yaml`` is accepted too: its options that this suite does not implement are reported in one warning.
+``args.yaml`` is accepted too (pgt.timm_args): its options that this suite does not implement are ignored, named in
+one warning when not at timm's default, and refused when they would change the training (--allow-timm-ignored).
 
 Numbers are read as YAML 1.2 does: ``1e-3`` is a float (PyYAML, a YAML 1.1 parser, would read it as a string).
 """
@@ -23,12 +24,12 @@ import yaml
 from timm.utils import ParseKwargs
 
 from .errors import CliParser, UsageError
-from .timm_args import TIMM_ONLY_DEFAULTS, ignored_options_line
+from .timm_args import TIMM_ONLY_OPTIONS, changed_options, refusal_line, warning_line
 
 META_KEYS = ('base', 'paper', 'grid')
 # Run control, not part of a recipe: left out of the resolved config.yaml so that it can be passed back as --config.
 RUN_CONTROL_KEYS = ('config', 'resume', 'overwrite', 'dry_run', 'debug', 'output', 'data_dir',
-                    'stop_after_epoch', 'allow_config_change', 'dataset_download')
+                    'stop_after_epoch', 'allow_config_change', 'allow_timm_ignored', 'dataset_download')
 # Options that may differ between the jobs of one run without changing what it trains. The per-GPU batch may change
 # with the number of GPUs (--global-batch-size): the global batch is compared instead (pgt.config.config_changes).
 OPERATIONAL_KEYS = ('workers', 'log_interval', 'recovery_interval', 'checkpoint_interval', 'max_skipped_steps',
@@ -65,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                          'checkpoint in --output')
     _bool_flag(g, '--overwrite', 'replace the run that --output holds (its checkpoints and logs are deleted)')
     _bool_flag(g, '--allow-config-change', 'resume a run under a configuration other than the one it started with')
+    _bool_flag(g, '--allow-timm-ignored', "train from a timm args.yaml that sets options this suite does not "
+                                          'implement (pgt/timm_args.py), without them')
     _bool_flag(g, '--dry-run', 'resolve and print the configuration, then exit')
     _bool_flag(g, '--debug', 'show tracebacks for errors')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=50, metavar='STEPS')
+    g.add_argument('--seed', type=int, default=42, help='rank r draws from seed + r; the data order from seed')
+    g.add_argument('--log-interval', type=int, default=50, metavar='STEPS', help='a log line every N steps')
     g.add_argument('--checkpoint-interval', type=int, default=0, metavar='EPOCHS',
                    help='also keep epoch_<E>.pth, the end of epoch E, every N epochs (0: only last and best)')
     g.add_argument('--recovery-interval', type=int, default=0, metavar='STEPS',
@@ -83,17 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', metavar='DIR', help='ImageNet layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; '
                                                      'for --dataset cifar10, the folder of cifar-10-batches-py/')
-    g.add_argument('--dataset', default='imagefolder', choices=('imagefolder', 'cifar10'))
+    g.add_argument('--dataset', default='imagefolder', choices=('imagefolder', 'cifar10'),
+                   help='ImageNet-layout folders, or CIFAR-10 in torchvision\'s format')
     _bool_flag(g, '--dataset-download', "download the dataset into --data-dir if it is not there (cifar10; timm's "
                                         'option)')
     g.add_argument('--download', dest='dataset_download', action='store_const', const=True,
                    help='alias of --dataset-download')
-    g.add_argument('--data-backend', default='torch', choices=('torch', 'dali', 'synthetic'))
+    g.add_argument('--data-backend', default='torch', choices=('torch', 'dali', 'synthetic'),
+                   help='decoding in DataLoader workers, in NVIDIA DALI, or one random batch (timing the step)')
     g.add_argument('--dali', dest='data_backend', action='store_const', const='dali',
                    help='alias of --data-backend dali (the published code\'s flag)')
     g.add_argument('--dali-device', choices=('gpu', 'cpu'), default=None,
                    help='DALI decoding device (default: gpu when CUDA is available)')
-    g.add_argument('-j', '--workers', type=int, default=4)
+    g.add_argument('-j', '--workers', type=int, default=4, help='data loading processes per rank')
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
     g.add_argument('--img-size', type=int, default=None, help="training image size (default: the model's)")
     g.add_argument('--val-img-size', type=int, default=None,
@@ -106,16 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalisation mean (default: the model's)")
     g.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
                    help="normalisation standard deviation (default: the model's)")
-    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'))
-    g.add_argument('--ratio', type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=('MIN', 'MAX'))
-    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar=('MIN', 'MAX'),
+                   help='random-resized-crop area fraction')
+    g.add_argument('--ratio', type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=('MIN', 'MAX'),
+                   help='random-resized-crop aspect ratio')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--color-jitter', type=float, default=0.4, help='timm default 0.4; the papers used none (0)')
     _bool_flag(g, '--strict-data', 'stop at an unreadable training image instead of replacing it')
     g.add_argument('--synthetic-steps', type=int, default=100, metavar='N',
                    help='batches per epoch of the synthetic backend')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='resnet50')
+    g.add_argument('--model', default='resnet50', help='timm model name (or resnet18_nobn, resnet20_cifar)')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help="arguments of the model's constructor, as timm's option (e.g. zero_init_last=False)")
     _bool_flag(g, '--channels-last', 'NHWC memory layout')
@@ -127,16 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--opt', default='sgd', help="timm optimizer name; 'sgd' is Nesterov SGD")
     g.add_argument('--lr', type=float, default=None,
                    help='peak learning rate (default, as timm: --lr-base scaled by global batch / --lr-base-size)')
-    g.add_argument('--lr-base', type=float, default=0.1)
-    g.add_argument('--lr-base-size', type=int, default=256)
+    g.add_argument('--lr-base', type=float, default=0.1, help='learning rate at --lr-base-size, when --lr is not given')
+    g.add_argument('--lr-base-size', type=int, default=256, help='global batch of --lr-base')
     g.add_argument('--lr-base-scale', default=None, choices=('linear', 'sqrt'),
                    help='default: sqrt for adaptive optimizers (ada*, lamb), linear otherwise (timm\'s rule)')
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=2e-5, help='not applied to biases and normalisation')
     g.add_argument('-b', '--batch-size', type=int, default=128, help='per-GPU batch')
     g.add_argument('--global-batch-size', type=int, default=None,
                    help='total batch over all ranks; sets the per-GPU batch to G / world size / grad-accum-steps')
-    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches per optimizer update')
     g.add_argument('--clip-grad', type=float, default=None, help='threshold (norm, value) or clip factor (agc)')
     g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
                    help="as timm's train.py: agc leaves the classifier out, norm and value clip every parameter")
@@ -146,31 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
                         'float16')
 
     g = p.add_argument_group('schedule')
-    g.add_argument('--sched', default='cosine', choices=('cosine', 'step', 'multistep', 'constant', 'none'))
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--sched', default='cosine', choices=('cosine', 'step', 'multistep', 'constant', 'none'),
+                   help="timm's schedule after the warmup")
+    g.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cosine: cooldown comes after)')
+    g.add_argument('--warmup-epochs', type=int, default=5, help='linear warmup from --warmup-lr')
+    g.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of the warmup')
     _bool_flag(g, '--warmup-prefix', 'cosine: start the decay at the peak at the end of warmup and end it at --epochs '
                                      '(timm and the published runs overlap warmup and cosine, so the peak is never '
                                      'reached); the run keeps its length')
-    g.add_argument('--min-lr', type=float, default=0.0)
-    g.add_argument('--cooldown-epochs', type=int, default=0)
-    g.add_argument('--decay-epochs', type=float, default=90.0)
-    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
-    g.add_argument('--decay-rate', type=float, default=0.1)
+    g.add_argument('--min-lr', type=float, default=0.0, help='floor of the decay, and the cooldown rate')
+    g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at --min-lr after a cosine')
+    g.add_argument('--decay-epochs', type=float, default=90.0,
+                   help='step: the rate is multiplied by --decay-rate every N epochs')
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                   help='multistep: the epochs where the rate drops')
+    g.add_argument('--decay-rate', type=float, default=0.1, help='factor of each step or milestone')
     _bool_flag(g, '--sched-on-updates', 'step the schedule every update instead of every epoch')
 
     g = p.add_argument_group('loss')
-    g.add_argument('--smoothing', type=float, default=0.1)
-    g.add_argument('--mixup', type=float, default=0.0)
-    g.add_argument('--cutmix', type=float, default=0.0)
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
     g.add_argument('--pgt-alpha', '--modify-softmax', type=float, default=None, metavar='ALPHA',
                    help='turn on the PowerGrad Transform with this alpha in [0, 1]')
     g.add_argument('--pgt-start-epoch', type=int, default=0, help='plain cross-entropy before this epoch')
 
     g = p.add_argument_group('diagnostics')
     _bool_flag(g, '--diagnostics', 'log logit, filter and gradient-conditioning metrics')
-    g.add_argument('--diagnostics-interval', type=int, default=200, metavar='STEPS')
+    g.add_argument('--diagnostics-interval', type=int, default=200, metavar='STEPS', help='a probe every N steps')
     g.add_argument('--diagnostics-mask', type=float, default=0.0, metavar='FRACTION',
                    help='random masking of gradient vectors per layer (thesis Sec. 1.6), e.g. 0.05; 0: off')
     g.add_argument('--diagnostics-layers', type=int, nargs='+', default=[11, 19], metavar='K',
@@ -258,7 +268,7 @@ def recipe_to_defaults(recipe: dict, sources: dict, parser: argparse.ArgumentPar
         if key in META_KEYS:
             continue
         if key not in actions:
-            if key in TIMM_ONLY_DEFAULTS:
+            if key in TIMM_ONLY_OPTIONS:
                 ignored[key] = value
                 continue
             close = difflib.get_close_matches(key, list(actions), n=1)
@@ -301,15 +311,15 @@ def parse_config(argv: Sequence[str]) -> argparse.Namespace:
     args.grid = recipe.get('grid')
     args._origins = origins
     args._ignored_timm_options = (known.config, ignored) if ignored else None
+    if changed_options(ignored)[0] and not args.allow_timm_ignored:
+        raise UsageError(refusal_line(known.config, changed_options(ignored)[0]))
     return args
 
 
 def ignored_options_warning(args: argparse.Namespace) -> str | None:
-    """The one warning line for a recipe's timm options that this suite does not implement (None if there are
-    none)."""
-    if args._ignored_timm_options is None:
-        return None
-    return ignored_options_line(*args._ignored_timm_options)
+    """The one warning line for a recipe's timm options that this suite does not implement and that are not at
+    timm's default (None if there are none)."""
+    return warning_line(*args._ignored_timm_options) if args._ignored_timm_options else None
 
 
 def resolved_config(args: argparse.Namespace) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import multiprocessing
 import re
 import sys
@@ -40,17 +41,46 @@ class DataError(UsageError):
     """An unreadable or corrupt input file; the message names the file."""
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default, where there is one to show (not None or False, and not already named by
+    the help text); descriptions keep their own line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if (action.default is None or action.default is False or action.default in (argparse.SUPPRESS, [])
+                or not action.option_strings or 'default' in text):
+            return text
+        shown = ' '.join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f'{text} (default: {shown})'.lstrip()
+
+
 class CliParser(argparse.ArgumentParser):
     """The argument parser of every program of the suite: no abbreviations (``--smooth`` must not silently mean
-    ``--smoothing``), and a bad command line is one line and exit code 2 (through run_cli), not argparse's usage
-    dump."""
+    ``--smoothing``), defaults in --help, and a bad command line is one line and exit code 2 (through run_cli), not
+    argparse's usage dump, with the closest option names for a misspelt one."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault('allow_abbrev', False)
+        kwargs.setdefault('formatter_class', DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise UsageError(f'{message} (see --help)')
+        raise UsageError(f'{message}{self._suggestions(message)} (see --help)')
+
+    def _suggestions(self, message: str) -> str:
+        """'; did you mean --lr?' for each unrecognized option that is close to one of this parser's."""
+        if not message.startswith('unrecognized arguments:'):
+            return ''
+        known = [option for action in self._actions for option in action.option_strings if option.startswith('--')]
+        hints = {}
+        for word in message.split(':', 1)[1].split():
+            close = difflib.get_close_matches(word.split('=')[0], known, n=1, cutoff=0.7) if word.startswith('--') \
+                else []
+            if close:
+                hints[word] = close[0]
+        if len(hints) == 1:
+            return f'; did you mean {next(iter(hints.values()))}?'
+        return f'; did you mean {", ".join(f"{to} for {given}" for given, to in hints.items())}?' if hints else ''
 
 
 def one_line(error: BaseException) -> str:

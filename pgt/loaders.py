@@ -24,6 +24,8 @@ class Loaders:
     train: object
     val: object
     classes: list[str]
+    train_images: int = 0  # in the whole split, over all ranks
+    val_images: int = 0
     train_dataset: object = None  # the torch backend's, which counts unreadable images
 
     @property
@@ -81,12 +83,14 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loa
         classes = args.num_classes or 1000
         train = SyntheticLoader(args.batch_size, args.img_size, classes, args.synthetic_steps, device, args.seed)
         val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
-        return Loaders(train, val, [f'class_{i}' for i in range(classes)])
+        return Loaders(train, val, [f'class_{i}' for i in range(classes)], len(train) * args.batch_size,
+                       len(val) * args.batch_size)
     train_builder, val_builder = _backend(args)
     train, classes, images, dataset = train_builder(args, rank, world_size, device)
-    val, val_classes, _, _ = val_builder(args, rank, world_size, device)
+    val, val_classes, val_images, _ = val_builder(args, rank, world_size, device)
     check_same_classes(val_classes, classes, f'{args.data_dir}/val', 'train/')
     if len(train) == 0:
         raise UsageError(f'{args.data_dir}/train: {images} images give no full batch of {args.batch_size} per rank '
                          f'over {world_size} rank(s)')
-    return Loaders(device_loader(train, args, device), device_loader(val, args, device), classes, dataset)
+    return Loaders(device_loader(train, args, device), device_loader(val, args, device), classes, images, val_images,
+                   dataset)

@@ -11,7 +11,6 @@ without CUDA the CUDA checks are listed as skipped, with the reason. Exit code 1
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -328,7 +327,7 @@ def format_table(checks: list[Check]) -> str:
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     p.add_argument('-c', '--config', required=True, help='the recipe to check this node for')
     p.add_argument('--data-dir', required=True)
     p.add_argument('--quick', action='store_true', help='3 timed steps and batches instead of 20 (default on a CPU)')

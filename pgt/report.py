@@ -3,24 +3,27 @@ numbers.
 
     pgt-report --runs runs/paper --out report/ [--validate-json sweep/*.json]
     pgt-report --runs runs/budget --tier budget --out report-budget/
+    pgt-report --runs runs/smoke-20261204-101500 --out report-smoke/       # any run, or a folder of runs
 
 (``python scripts/report.py`` is the same program.) Reads the run directories that pgt-reproduce writes
-(<runs>/<row>/summary.csv, and <runs>/<row>/seed<k>/summary.csv for repeated seeds) and writes:
+(<runs>/<row>/summary.csv, and <runs>/<row>/seed<k>/summary.csv for repeated seeds), and any other run directory
+there (or --runs itself, when it is one run), and writes:
 
 - report.md: per table, the rows' final train top-1, final and best test top-1 (mean and standard deviation over
   seeds), the generalisation gap (train - test) and the published numbers; then each PGT row against its baseline:
   the difference in train and test top-1 with a 95% confidence interval (paired by seed when both rows have the
   same seeds, Welch's otherwise; pgt.stats) and whether the published difference lies inside it. A row with one seed
   has no interval. Rows whose runs are incomplete (fewer epochs than the recipe) or not on ImageNet-1k's 1,000
-  classes say so, and get no difference to the paper. The grid searches get a table per model. Three decimals,
-  as the papers print.
+  classes say so, and get no difference to the paper and no verdict on it. The grid searches get a table per model.
+  Runs not named after a row of the tier get a table of their own, without the paper's numbers. Three decimals, as
+  the papers print.
 - results.csv and differences.csv: the same numbers at full precision (one row per table row, one per PGT row).
-- figures (PNG and PDF): Fig. 3 curves for every PGT row whose baseline ran, Fig. 2 for the grid searches, Fig. 5
-  for rows with diagnostics' filter_norms.csv, and Fig. 6 from validate.py JSON files of an alpha sweep.
+- figures (PNG and PDF): Fig. 3 curves for every PGT row whose baseline ran and for every other run, Fig. 2 for the
+  grid searches, Fig. 5 for runs with diagnostics' filter_norms.csv, and Fig. 6 from validate.py JSON files of an
+  alpha sweep.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -37,15 +40,16 @@ from .plots import accuracy_curves_figure, alpha_sweep_figure, filter_norms_figu
 from .runlog import read_summary
 from .stats import difference, summarize
 
+OTHER = 'other'  # the table of runs that are not rows of the tier
 TITLES = {'1': 'Table 1: networks with batch normalisation', '2': 'Table 2: ResNet-18 without batch normalisation',
           '3': 'Table 3: ResNet-50, schedules and label smoothing', 'fig3c': 'Fig. 3(c): 60 epochs',
           'grid': 'Grid searches (ICLR Sec. 3.1)', 'extended': 'Grid searches beyond the paper',
-          'cifar': 'ResNet-20 on CIFAR-10 (ICLR Fig. 2c)'}
+          'cifar': 'ResNet-20 on CIFAR-10 (ICLR Fig. 2c)', OTHER: 'Other runs'}
 GRID_TABLES = ('grid', 'extended', 'cifar')
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     p.add_argument('--runs', required=True, help='folder holding one run directory per row (pgt-reproduce --runs-dir)')
     p.add_argument('--out', required=True, help='folder for report.md, the CSVs and the figures')
     p.add_argument('--tier', default='paper', choices=('paper', 'budget'))
@@ -64,7 +68,7 @@ class RowResult:
     alpha: float
     planned_epochs: int
     classes: int | None
-    expected_classes: int
+    expected_classes: int | None  # None: a run that is not a row of the papers
 
     def final(self, key: str) -> dict[int, float]:
         return {seed: float(rows[-1][key]) for seed, rows in self.seeds.items()}
@@ -78,28 +82,49 @@ class RowResult:
 
     @property
     def status(self) -> str:
+        """'complete', or every reason the row cannot be compared with the paper."""
+        reasons = []
         if self.epochs_done < self.planned_epochs:
-            return f'incomplete: {self.epochs_done} of {self.planned_epochs} epochs'
-        if self.classes is not None and self.classes != self.expected_classes:
-            return f'not the paper\'s data: {self.classes} classes, not {self.expected_classes}'
-        return 'complete'
+            reasons.append(f'incomplete: {self.epochs_done} of {self.planned_epochs} epochs')
+        if self.expected_classes and self.classes is not None and self.classes != self.expected_classes:
+            reasons.append(f'not the paper\'s data: {self.classes} classes, not {self.expected_classes}')
+        if self.run.table == OTHER:
+            reasons.append('not a row of the papers: no comparison')
+        return '; '.join(reasons) or 'complete'
+
+
+def row_result(run: PaperRun, source: str, dirs: dict[int, Path], expected_classes: int | None) -> RowResult:
+    """A row's result from its seeds' run directories ({seed: folder}); its planned length from its recipe."""
+    config = yaml.safe_load((next(iter(dirs.values())) / 'config.yaml').read_text()) or {}
+    return RowResult(run, source, {seed: read_summary(folder) for seed, folder in dirs.items()},
+                     config.get('model', '?'), 1.0 if config.get('pgt_alpha') is None else float(config['pgt_alpha']),
+                     total_epochs(run.args()), config.get('num_classes'), expected_classes)
 
 
 def collect(runs: list[PaperRun], runs_dir: Path) -> dict[str, RowResult]:
     """Every row that has at least one seed with a summary, each filled from its experiment's run directories."""
     results = {}
     for group in experiments(runs):
-        source = group[0].name
-        dirs = seed_runs(runs_dir, source)
-        if not dirs:
-            continue
-        config = yaml.safe_load((next(iter(dirs.values())) / 'config.yaml').read_text()) or {}
-        planned = group[0].args()
-        for run in group:
-            results[run.name] = RowResult(
-                run, source, {seed: read_summary(folder) for seed, folder in dirs.items()}, config.get('model', '?'),
-                1.0 if config.get('pgt_alpha') is None else float(config['pgt_alpha']), total_epochs(planned),
-                config.get('num_classes'), 10 if planned.dataset == 'cifar10' else 1000)
+        dirs = seed_runs(runs_dir, group[0].name)
+        if dirs:
+            classes = 10 if group[0].args().dataset == 'cifar10' else 1000
+            results.update({run.name: row_result(run, group[0].name, dirs, classes) for run in group})
+    return results
+
+
+def collect_others(runs_dir: Path, rows: set[str]) -> dict[str, RowResult]:
+    """The runs under ``runs_dir`` (or ``runs_dir`` itself, when it is one) that are not named after a row: each
+    with its seeds, its planned length from its own config.yaml, and no paper to compare with."""
+    if seed_runs(runs_dir.parent, runs_dir.name):
+        candidates = [runs_dir]
+    else:
+        candidates = [folder for folder in sorted(runs_dir.iterdir()) if folder.is_dir() and folder.name not in rows]
+    results = {}
+    for folder in candidates:
+        dirs = seed_runs(folder.parent, folder.name)
+        if dirs:
+            run = PaperRun(folder.name, next(iter(dirs.values())) / 'config.yaml', OTHER)
+            results[folder.name] = row_result(run, folder.name, dirs, None)
     return results
 
 
@@ -142,11 +167,12 @@ def difference_row(result: RowResult, baseline: RowResult, baselines_paper: Pape
     if baselines_paper is not None and paper_value(result.run, 'test_acc') is not None:
         base_test = paper_value(baselines_paper, 'test_acc')
         published = paper_value(result.run, 'test_acc') - base_test if base_test is not None else None
+    comparable = result.status == baseline.status == 'complete'  # no verdict on incomplete or reduced runs
     return {'table': result.run.table, 'row': result.run.name, 'baseline': baseline.run.name, 'method': test.method,
             'n_pgt': len(result.seeds), 'n_baseline': len(baseline.seeds), 'delta_test': test.estimate,
             'delta_test_low': test.low, 'delta_test_high': test.high, 'delta_train': train.estimate,
             'delta_train_low': train.low, 'delta_train_high': train.high, 'published_delta_test': published,
-            'published_inside': None if published is None else test.contains(published)}
+            'published_inside': test.contains(published) if comparable and published is not None else None}
 
 
 def interval_text(row: dict, key: str) -> str:
@@ -156,9 +182,9 @@ def interval_text(row: dict, key: str) -> str:
     return f'{fmt(row[key], True)} [{fmt(low, True)}, {fmt(high, True)}]'
 
 
-def results_markdown(title: str, rows: list[dict], results: dict[str, RowResult], tier: str) -> list[str]:
+def results_markdown(title: str, rows: list[dict], results: dict[str, RowResult], with_paper: bool) -> list[str]:
     columns = ['row', 'model', 'α', 'seeds', 'epochs', 'train top-1', 'test top-1', 'best test', 'gap']
-    if tier == 'paper':
+    if with_paper:
         columns += ['paper train', 'paper test', 'paper gap', 'Δ paper (test)']
     lines = [f'## {title}', '', '| ' + ' | '.join(columns + ['status']) + ' |', '|' + '---|' * (len(columns) + 1)]
     for row in rows:
@@ -166,7 +192,7 @@ def results_markdown(title: str, rows: list[dict], results: dict[str, RowResult]
         cells = [row['row'], row['model'], f"{row['alpha']:g}", row['seeds'] or '–',
                  f"{row['epochs_done']}/{row['epochs_planned']}", spread(result.final('train_top1')),
                  spread(result.final('eval_top1')), spread(result.best('eval_top1')), fmt(row['gap_mean'])]
-        if tier == 'paper':
+        if with_paper:
             cells += [fmt(row['paper_train']), fmt(row['paper_test']), fmt(row['paper_gap']),
                       fmt(row['delta_paper_test'], True)]
         lines.append('| ' + ' | '.join(cells + [row['status']]) + ' |')
@@ -252,6 +278,19 @@ def figures_for_table(runs: list[PaperRun], results: dict[str, RowResult], every
     return paths
 
 
+def other_runs_section(others: dict[str, RowResult], tier: str, out: Path) -> tuple[list[str], list[dict], list]:
+    """The table of the runs that are not rows of the tier (their own numbers only), and their Fig. 3 and Fig. 5."""
+    rows = [result_row(result) for result in others.values()]
+    title = f'{TITLES[OTHER]} (not named after a row of the {tier} tier: no comparison with the papers)'
+    figures = []
+    for name, result in others.items():
+        figures += save_figure(accuracy_curves_figure({name: list(result.seeds.values())}, name), out / f'fig3-{name}')
+        norms = series(result.run.recipe.parent)  # the first seed's run directory, beside its config.yaml
+        if norms:
+            figures += save_figure(filter_norms_figure({name: norms}), out / f'fig5-{name}')
+    return results_markdown(title, rows, others, with_paper=False), rows, figures
+
+
 def main(argv) -> int:
     args = parse_args(argv)
     runs_dir, out = Path(args.runs), Path(args.out)
@@ -259,9 +298,9 @@ def main(argv) -> int:
         raise UsageError(f'runs folder not found: {runs_dir}')
     every_run = [run for table in TABLES for run in paper_runs(table, args.tier)]
     every = collect(every_run, runs_dir)
-    if not every:
-        raise UsageError(f'{runs_dir}: no run directory named after a row of the {args.tier} tier (e.g. '
-                         f'resnet18-cosine-pgt)')
+    others = collect_others(runs_dir, {run.name for run in every_run})
+    if not every and not others:
+        raise UsageError(f'{runs_dir}: no run in it (a run directory holds summary.csv, or seed<k>/ folders that do)')
     out.mkdir(parents=True, exist_ok=True)
     sections = [f'# PGT reproduction report ({args.tier} tier)', '']
     figures, result_rows, difference_rows, grids = [], [], [], {}
@@ -280,10 +319,16 @@ def main(argv) -> int:
                                 next((r for r in every_run if r.name == run.paper['baseline']), None))
                  for run in runs if run.name in results and run.paper.get('baseline') in every
                  and run.paper['baseline'] != run.name]
-        sections += results_markdown(TITLES[table], rows, results, args.tier) + differences_markdown(diffs, args.tier)
+        sections += (results_markdown(TITLES[table], rows, results, args.tier == 'paper')
+                     + differences_markdown(diffs, args.tier))
         result_rows += rows
         difference_rows += diffs
         figures += figures_for_table(runs, results, every, out, runs_dir, args.tier)
+    if others:
+        lines, rows, other_figures = other_runs_section(others, args.tier, out)
+        sections += lines
+        result_rows += rows
+        figures += other_figures
     if grids:
         figures += save_figure(grid_figure(grids), out / 'fig2-grid')
     if args.validate_json:

@@ -14,7 +14,6 @@ extended (grid alphas beyond the paper's) and cifar (the ResNet-20 grid on CIFAR
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from .slurm import array_script, gpu_count
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     p.add_argument('--table', required=True, choices=TABLES + ('all',))
     p.add_argument('--tier', default='paper', choices=tuple(TIERS),
                    help='paper: the published rows; budget: the same rows shrunk about 6x (configs/budget/)')

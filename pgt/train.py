@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import yaml
 from timm.data import Mixup
 from timm.layers import convert_sync_batchnorm
 
+from . import __version__
 from .checkpoint import check_run_dir, find_resume_checkpoint, load_checkpoint, prepare_run_dir
 from .config import (config_changes, finalize_args, ignored_options_warning, parse_config, resolve_device_settings,
                      resolved_config, save_config)
@@ -57,6 +59,9 @@ def main(argv) -> int:
     given = (Path(args.resume), load_checkpoint(args.resume)) if args.resume not in (None, 'auto') else None
     env = init_distributed()
     setup_logging(env.is_main)
+    log.info('pgt %s (torch %s, timm %s): %s, global batch %d over %d rank(s) on %s; reading %s', __version__,
+             torch.__version__, timm.__version__, args.model, args.batch_size * args.grad_accum_steps * env.world_size,
+             env.world_size, env.device.type, args.data_dir or 'synthetic data')
     if ignored_options_warning(args):
         log.warning(ignored_options_warning(args))
     resolve_device_settings(args, env.device)
@@ -64,6 +69,8 @@ def main(argv) -> int:
 
     # ---- data, and the checkpoint to continue from
     loaders = build_loaders(args, env.rank, env.world_size, env.device)
+    log.info('data: %d training and %d validation images in %d classes', loaders.train_images, loaders.val_images,
+             loaders.num_classes)
     args.num_classes = args.num_classes or loaders.num_classes
     resume = given or find_auto_resume(args, run_dir)
     if resume is not None:

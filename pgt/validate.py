@@ -32,7 +32,7 @@ from .runlog import setup_logging
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     source = p.add_argument_group('what to evaluate (a checkpoint, or a timm model name)')
     source.add_argument('--checkpoint', help="this suite's, timm train.py's (.pth.tar) or a bare state dict")
     source.add_argument('--model', help="timm model name (default: the checkpoint's)")

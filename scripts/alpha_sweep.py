@@ -9,7 +9,6 @@ Each checkpoint is evaluated with validate.py (its JSON is kept next to the figu
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pgt.validate import evaluate_checkpoint, parse_args as validate_args
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     p.add_argument('--checkpoints', nargs='*', default=[])
     p.add_argument('--json', nargs='*', default=[], help='validate.py --json outputs instead of checkpoints')
     p.add_argument('--data-dir', help='needed with --checkpoints')

@@ -58,7 +58,7 @@ TINY = dict(models=['test_resnet'], batch_size=8, img_size=32, steps=4, warmup=2
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     p.add_argument('mode', choices=('step', 'loss', 'loader', 'e2e', 'diagnostics', 'all'))
     p.add_argument('--interval', type=int, default=200, help='diagnostics interval for the diagnostics mode')
     p.add_argument('--tiny', action='store_true', help='CPU-sized settings that run every mode in seconds')

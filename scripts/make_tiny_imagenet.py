@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import os
 import pickle
@@ -28,7 +27,7 @@ IMAGE_SUFFIXES = {'.jpeg', '.jpg', '.png'}
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--from', dest='source', metavar='IMAGENET_DIR', help='carve a subset of this tree')
     source.add_argument('--synthetic', action='store_true', help='generate images instead')

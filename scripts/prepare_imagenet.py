@@ -16,7 +16,6 @@ unreadable or the counts are not ImageNet-1k's; 2 on bad input.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import re
@@ -35,7 +34,7 @@ IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')
 
 
 def parse_args(argv):
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__)
     p.add_argument('--data-dir', required=True, help='the tree with train/<wnid>/ and the raw val/')
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument('--devkit', help='ILSVRC2012_devkit_t12.tar.gz, or the folder it unpacks to')

@@ -115,34 +115,57 @@ def test_null_and_empty_values_keep_the_default(tmp_path):
     assert (args.img_size, args.resume, args.interpolation, args.smoothing) == (None, None, None, 0.1)
 
 
+TIMM_ARGS = ROOT / 'tests' / 'data' / 'timm-args.yaml'  # written by timm's own train.py: all 172 options
+
+
 def timm_args_yaml(path, **changes):
-    """An args.yaml as timm's train.py writes it: every one of its options (those this suite also has, and those it
-    does not), here with a few changed from timm's defaults."""
-    from pgt.timm_args import TIMM_ONLY_DEFAULTS
-    shared = {'model': 'resnet50', 'batch_size': 128, 'lr': None, 'lr_base': 0.1, 'lr_base_size': 256,
-              'lr_base_scale': '', 'epochs': 300, 'sched': 'cosine', 'warmup_epochs': 5, 'warmup_lr': 1e-5,
-              'min_lr': 0, 'cooldown_epochs': 0, 'smoothing': 0.1, 'weight_decay': 2e-5, 'opt': 'sgd',
-              'momentum': 0.9, 'img_size': None, 'crop_pct': None, 'interpolation': '', 'mean': None, 'std': None,
-              'train_interpolation': 'random', 'color_jitter': 0.4, 'mixup': 0.0, 'cutmix': 0.0, 'amp': False,
-              'amp_dtype': 'float16', 'channels_last': False, 'model_kwargs': {}, 'resume': '', 'output': '',
-              'data_dir': '/imagenet', 'dataset': '', 'seed': 42, 'workers': 4, 'log_interval': 50,
-              'recovery_interval': 0, 'grad_accum_steps': 1, 'clip_grad': None, 'clip_mode': 'norm',
-              'sync_bn': False, 'torchcompile': None, 'num_classes': None, 'dataset_download': False,
-              'warmup_prefix': False, 'sched_on_updates': False, 'decay_epochs': 90, 'decay_milestones': [90, 180, 270],
-              'decay_rate': 0.1, 'scale': [0.08, 1.0], 'ratio': [0.75, 1.3333333333333333], 'hflip': 0.5}
-    path.write_text(yaml.safe_dump({**TIMM_ONLY_DEFAULTS, **shared, **changes}))
+    """timm's own args.yaml with a few values changed, as a user's run of timm's train.py writes it."""
+    args = yaml.safe_load(TIMM_ARGS.read_text())
+    assert len(args) == 172
+    path.write_text(yaml.safe_dump({**args, **changes}))
     return path
 
 
+def test_timm_train_pys_own_args_yaml_is_a_recipe(capsys):
+    """Every key that timm's train.py writes is an option of this suite or one it knows it ignores; at timm's
+    defaults nothing is refused and nothing needs a warning."""
+    args = finalize_args(parse_config(['--config', str(TIMM_ARGS)]), world_size=1)
+    assert (args.model, args.epochs, args.batch_size, args.data_dir) == ('resnet50', 300, 128, '/data/imagenet')
+    assert ignored_options_warning(args) is None
+    assert run_cli_code(['--config', str(TIMM_ARGS), '--dry-run']) == 0
+
+
+def run_cli_code(argv) -> int:
+    from pgt import train
+    from pgt.errors import run_cli
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, argv)
+    return exit_.value.code
+
+
 def test_a_timm_args_yaml_is_read_with_one_warning_naming_what_is_ignored(tmp_path):
-    path = timm_args_yaml(tmp_path / 'args.yaml', model='resnet18', batch_size=64, model_ema=True, reprob=0.25)
+    path = timm_args_yaml(tmp_path / 'args.yaml', model='resnet18', batch_size=64, data_dir='/imagenet',
+                          checkpoint_hist=3, log_wandb=True)
     args = finalize_args(parse_config(['--config', str(path)]), world_size=1)
     assert (args.model, args.batch_size, args.dataset) == ('resnet18', 64, 'imagefolder')
     assert args.lr == pytest.approx(0.1 * 64 / 256)  # timm's rule for lr: null
     assert args.data_dir == '/imagenet' and args.resume is None and args.output is None
-    warning = ignored_options_warning(args)
-    assert '\n' not in warning and warning.startswith(f'{path}: ')
-    assert "2 of them not at timm's default: model_ema: True; reprob: 0.25" in warning
+    assert ignored_options_warning(args) == (f'{path}: 2 timm option(s) that this suite does not implement are '
+                                             f'ignored: checkpoint_hist: 3; log_wandb: True')
+
+
+def test_timm_options_that_change_the_training_are_refused_unless_allowed(tmp_path, capsys):
+    path = timm_args_yaml(tmp_path / 'args.yaml', model_ema=True, reprob=0.25, checkpoint_hist=3)
+    with pytest.raises(UsageError) as refused:
+        parse_config(['--config', str(path)])
+    assert str(refused.value) == (f"{path}: timm option(s) that this suite does not implement and that change the "
+                                  f"training: model_ema: True; reprob: 0.25; train without them with "
+                                  f"--allow-timm-ignored, or remove them")
+    assert run_cli_code(['--config', str(path), '--dry-run']) == 2
+    assert capsys.readouterr().err.strip() == f'error: {refused.value}'
+    args = parse_config(['--config', str(path), '--allow-timm-ignored'])
+    assert ignored_options_warning(args) == (f'{path}: 3 timm option(s) that this suite does not implement are '
+                                             f'ignored: model_ema: True; reprob: 0.25; checkpoint_hist: 3')
 
 
 def test_a_misspelt_key_is_still_an_error_next_to_timm_keys(tmp_path):

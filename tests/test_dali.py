@@ -20,8 +20,8 @@ from pgt.loaders import build_loaders  # noqa: E402
 
 
 def dali_args(data_dir, **overrides):
-    base = dict(data_dir=str(data_dir), data_backend='dali', dali_device='cpu', batch_size=8, workers=2, seed=0, img_size=32,
-                val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
+    base = dict(data_dir=str(data_dir), data_backend='dali', dali_device='cpu', batch_size=8, workers=2, seed=0,
+                img_size=32, val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
                 scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, amp=False, amp_dtype='float16',
                 channels_last=False, dataset='imagefolder', mean=list(IMAGENET_DEFAULT_MEAN),
                 std=list(IMAGENET_DEFAULT_STD))

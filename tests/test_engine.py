@@ -128,8 +128,8 @@ def test_every_image_of_the_epoch_is_counted_under_accumulation():
 # ---- uint8 batches, normalised on the device
 
 def loader_args(data_dir, **overrides):
-    base = dict(data_dir=str(data_dir), data_backend='torch', dataset='imagefolder', batch_size=8, workers=0, seed=3, img_size=32,
-                val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
+    base = dict(data_dir=str(data_dir), data_backend='torch', dataset='imagefolder', batch_size=8, workers=0, seed=3,
+                img_size=32, val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
                 scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, strict_data=False,
                 channels_last=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD))
     return SimpleNamespace(**{**base, **overrides})

@@ -13,7 +13,9 @@ from scipy import stats
 
 from conftest import PAPER_PAIR
 from pgt import report
+from pgt.errors import UsageError
 from pgt.plots import accuracy_curves_figure, alpha_sweep_figure, filter_norms_figure, grid_figure, save_figure
+from pgt.runlog import read_summary
 
 
 def synthetic_run(run_dir, train, test, epochs=100, classes=1000, model='resnet18', alpha=None, seed=0):
@@ -158,6 +160,9 @@ def test_incomplete_and_other_data_rows_are_marked_and_get_no_difference_to_the_
     assert results['resnet101-cosine-pgt']['delta_paper_test'] == ''
     text = (synthetic_report / 'report.md').read_text()
     assert markdown_rows(text, 'resnet101-cosine-baseline')[0][12:] == ['–', 'incomplete: 10 of 100 epochs']
+    # Against each other they still get a difference with its interval, but no verdict on the published one.
+    assert read_csv(synthetic_report / 'differences.csv')['resnet101-cosine-pgt']['published_inside'] == ''
+    assert markdown_rows(text, 'resnet101-cosine-pgt')[1][-1] == '–'
 
 
 def test_grid_section_and_figure(synthetic_report):
@@ -230,8 +235,10 @@ def test_report_of_real_runs_with_two_seeds_each(paper_runs, tmp_path):
     text = (out / 'report.md').read_text()
     for row in PAPER_PAIR:
         cells = markdown_rows(text, row)[0]
-        assert cells[3] == '0 1' and cells[4] == '2/100' and cells[13] == 'incomplete: 2 of 100 epochs'
+        assert cells[3] == '0 1' and cells[4] == '2/100'
+        assert cells[13] == "incomplete: 2 of 100 epochs; not the paper's data: 10 classes, not 1000"
         assert cells[12] == '–'  # no difference to the paper for a 2-epoch, 10-class run
+    assert markdown_rows(text, 'resnet18-cosine-pgt')[1][-2:] == ['+0.090', '–']  # the published Δ, no verdict
     assert 'paired by seed' in markdown_rows(text, 'resnet18-cosine-pgt')[1]
     for figure in ('fig3-resnet18-cosine-pgt', 'fig5-resnet18-cosine-pgt'):
         assert (out / f'{figure}.png').stat().st_size > 1000 and (out / f'{figure}.pdf').is_file(), figure
@@ -239,6 +246,33 @@ def test_report_of_real_runs_with_two_seeds_each(paper_runs, tmp_path):
     with open(paper_runs / 'resnet18-cosine-pgt' / 'seed0' / 'filter_norms.csv', newline='') as f:
         series = {row['series'] for row in csv.DictReader(f)}
     assert series == {'layer11', 'layer15', 'pooled'}
+
+
+def test_any_run_is_reported_with_its_figures_and_without_the_papers_numbers(straight_run, paper_runs, tmp_path):
+    """One run directory (the smoke recipe's, here the tiny one), and a folder holding it beside a paper pair."""
+    out = tmp_path / 'one'
+    assert report.main(['--runs', str(straight_run), '--out', str(out)]) == 0
+    text = (out / 'report.md').read_text()
+    [cells] = markdown_rows(text, 'run')
+    rows = read_summary(straight_run)
+    assert cells[:5] == ['run', 'test_resnet', '0.3', '0', '2/2'] and len(cells) == 10  # no columns of the paper
+    assert cells[6] == f"{float(rows[-1]['eval_top1']):.3f}" and cells[9] == 'not a row of the papers: no comparison'
+    assert 'Other runs (not named after a row of the paper tier: no comparison with the papers)' in text
+    assert (out / 'fig3-run.png').stat().st_size > 1000 and '![fig3-run](fig3-run.png)' in text
+    both = tmp_path / 'runs'
+    both.mkdir()
+    for row in PAPER_PAIR:
+        (both / row).symlink_to(paper_runs / row, target_is_directory=True)
+    (both / 'smoke-20261204-101500').symlink_to(straight_run, target_is_directory=True)
+    assert report.main(['--runs', str(both), '--out', str(tmp_path / 'both')]) == 0
+    text = (tmp_path / 'both' / 'report.md').read_text()
+    assert markdown_rows(text, 'smoke-20261204-101500')[0][9] == 'not a row of the papers: no comparison'
+    assert len(markdown_rows(text, 'resnet18-cosine-pgt')[0]) == 14  # the paper's columns for the paper rows
+
+
+def test_a_folder_without_runs_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=f'{tmp_path}: no run in it'):
+        report.main(['--runs', str(tmp_path), '--out', str(tmp_path / 'out')])
 
 
 def test_the_budget_tier_has_its_own_tables_without_the_papers_columns(tmp_path):

@@ -40,7 +40,8 @@ def parse_args(argv):
     labels.add_argument('--devkit', help='ILSVRC2012_devkit_t12.tar.gz, or the folder it unpacks to')
     labels.add_argument('--kaggle-csv', help="Kaggle's LOC_val_solution.csv")
     labels.add_argument('--check', action='store_true', help='only count and check, sort nothing')
-    p.add_argument('--dry-run', action='store_true', help='say what would move, move nothing')
+    p.add_argument('--dry-run', action='store_true',
+                   help='say what would move, move nothing, and check the tree as the sort would leave it')
     p.add_argument('--threads', type=int, default=16, help='decoding threads for the readability check')
     p.add_argument('--debug', action='store_true')
     return p.parse_args(argv)
@@ -98,21 +99,27 @@ def kaggle_labels(path: str) -> dict[int, str]:
 
 def sort_validation(val_dir: Path, labels: dict[int, str], dry_run: bool) -> dict:
     """Move every val/ILSVRC2012_val_*.JPEG at the top of val/ into val/<wnid>/. Returns what happened: moved,
-    already sorted, missing (labelled but absent) and unlabelled (present, not in the labels) files."""
+    already sorted, missing (labelled but absent) and unlabelled (present, not in the labels) files, and the
+    sorted tree ({wnid: [image]}: as it is afterwards, or as it would be on a dry run, each file named where it
+    lies now)."""
     loose = {int(m.group(1)): path for path in val_dir.iterdir()
              if path.is_file() and (m := VAL_NAME.search(path.name))}
     sorted_already = {int(m.group(1)) for path in val_dir.glob('*/*') if (m := VAL_NAME.search(path.name))}
+    tree = images_by_class(val_dir)
     moved = 0
     for number, path in sorted(loose.items()):
         if number not in labels:
             continue
+        target = val_dir / labels[number] / path.name
         if not dry_run:
-            (val_dir / labels[number]).mkdir(exist_ok=True)
-            path.rename(val_dir / labels[number] / path.name)
+            target.parent.mkdir(exist_ok=True)
+            path.rename(target)
+        tree.setdefault(labels[number], []).append(path if dry_run else target)  # where the file is now
         moved += 1
     missing = sorted(set(labels) - set(loose) - sorted_already)
     unlabelled = sorted(set(loose) - set(labels))
-    return {'moved': moved, 'already': len(sorted_already), 'missing': missing, 'unlabelled': unlabelled}
+    return {'moved': moved, 'already': len(sorted_already), 'missing': missing, 'unlabelled': unlabelled,
+            'tree': tree}
 
 
 def images_by_class(split_dir: Path) -> dict[str, list[Path]]:
@@ -136,10 +143,11 @@ def unreadable(files: list[Path], threads: int) -> list[tuple[Path, str]]:
         return [p for p in pool.map(problem, files) if p is not None]
 
 
-def check_tree(data_dir: Path, threads: int) -> list[str]:
-    """Counts of train/ and val/ against ImageNet-1k's, and the unreadable validation images: the problems found
-    (and a line of counts printed)."""
-    train, val = images_by_class(data_dir / 'train'), images_by_class(data_dir / 'val')
+def check_tree(data_dir: Path, threads: int, val: dict[str, list[Path]] | None = None) -> list[str]:
+    """Counts of train/ and val/ (or of ``val``, the validation tree a dry run would make) against ImageNet-1k's,
+    and the unreadable validation images: the problems found (and a line of counts printed)."""
+    train = images_by_class(data_dir / 'train')
+    val = images_by_class(data_dir / 'val') if val is None else val
     counts = {'classes': len(train), 'train': sum(map(len, train.values())), 'val': sum(map(len, val.values()))}
     print(f'train: {counts["classes"]} classes, {counts["train"]:,} images; val: {len(val)} classes, '
           f'{counts["val"]:,} images')
@@ -169,7 +177,8 @@ def main(argv) -> int:
                      for n in result['missing']]
         problems += [f'unlabelled: ILSVRC2012_val_{n:08d}.JPEG has no label; left in val/'
                      for n in result['unlabelled']]
-    if not args.dry_run:
+        problems += check_tree(data_dir, args.threads, result['tree'])
+    else:
         problems += check_tree(data_dir, args.threads)
     for line in problems[:50]:
         print(line)

@@ -51,3 +51,18 @@ def test_a_broken_image_fails_the_decoding_check(tiny_data, tmp_path):
     assert result.returncode == 1
     status, detail = table(result.stdout)['data: decoding']
     assert status == 'fail' and detail.startswith(f'cannot decode {data}/train/')
+
+
+def test_a_paper_recipe_on_a_cpu_is_measured_at_a_batch_the_cpu_holds(tiny_data):
+    """The recipe's 1024 per step would take minutes per step and gigabytes on a CPU: the step and the loader are
+    measured at 32, saying so, and the projection still comes."""
+    recipe = ROOT / 'configs' / 'paper' / 'resnet18-cosine-pgt.yaml'
+    result = run_main('scripts/preflight.py', '--config', recipe, '--data-dir', tiny_data, '--img-size', 32,
+                      '--workers', 0, '--no-amp')  # bfloat16 on a CPU without AMX: seconds per step
+    rows = table(result.stdout)
+    assert rows['speed: training step'][0] == 'pass', result.stdout
+    assert re.fullmatch(r"[\d,]+ img/s \(resnet18, batch 32, 32 px, on cpu; batch 32, not the recipe's 1024: a CPU "
+                        r"measures at a small batch\)", rows['speed: training step'][1])
+    assert rows['speed: loader'][0] == 'pass' and rows['projection'][0] == 'pass'
+    assert re.fullmatch(r'100 epochs x 320 images at [\d,]+ img/s per CPU \((step|loader)-bound\): [\d.]+ CPU-hours',
+                        rows['projection'][1])

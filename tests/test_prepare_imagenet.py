@@ -74,6 +74,19 @@ def test_devkit_ground_truth_sorts_val_and_reports_the_missing_and_unreadable(tm
     assert sorted_files(data / 'val') == EXPECTED
 
 
+def test_a_dry_run_moves_nothing_and_checks_as_the_sort_would(tmp_path):
+    data = raw_tree(tmp_path / 'imagenet')
+    before = sorted(p.relative_to(data) for p in data.rglob('*'))
+    result = run_main('scripts/prepare_imagenet.py', '--data-dir', data, '--devkit', devkit(tmp_path / 'dk.tar.gz'),
+                      '--dry-run')
+    assert sorted(p.relative_to(data) for p in data.rglob('*')) == before
+    assert result.returncode == 1 and 'ok: ImageNet-1k' not in result.stdout
+    out = result.stdout
+    assert 'would move 6 validation images into class folders (0 were already sorted)' in out
+    assert 'train: 3 classes, 6 images; val: 3 classes, 6 images' in out  # val/ as the sort would leave it
+    assert 'classes: 3, ImageNet-1k has 1,000' in out and 'ILSVRC2012_val_00000004.JPEG' in out  # unreadable
+
+
 def test_kaggle_csv_sorts_val_the_same_way(tmp_path):
     data = raw_tree(tmp_path / 'imagenet')
     (data / 'val' / 'ILSVRC2012_val_00000004.JPEG').unlink()

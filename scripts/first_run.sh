@@ -1,20 +1,13 @@
 #!/usr/bin/env bash
-# First run on a fresh machine: virtual environment with the package, a generated tiny ImageNet, the smoke training
-# with PGT (a couple of minutes on a laptop CPU), then validation of its best checkpoint.
+# First run on a fresh machine: .venv with torch, the requirements and this package (scripts/env.sh, which stops with
+# one line if the environment is broken), a generated tiny ImageNet in data/tiny, the smoke recipe (ResNet-18 with
+# PGT) trained into runs/smoke-<time>/, and the validation of its best checkpoint. README's manual commands are these.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# Without an NVIDIA GPU, PyPI's default torch (the CUDA build) is gigabytes of libraries that cannot run: take the CPU
-# build from PyTorch's own index, or PyPI's torch when that index is out of reach.
-if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -c 'import torch' 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --timeout 20 --retries 1 \
-        --index-url https://download.pytorch.org/whl/cpu torch torchvision \
-        || echo "first_run: PyTorch's CPU index is out of reach; torch comes from the default index" >&2
-fi
-source scripts/env.sh requirements.txt
-[ -d data/tiny-synthetic ] || .venv/bin/python scripts/make_tiny_imagenet.py --synthetic --out data/tiny-synthetic
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" requirements.txt
+[ -d data/tiny ] || .venv/bin/python scripts/make_tiny_imagenet.py --synthetic --out data/tiny
 run=runs/smoke-$(date +%Y%m%d-%H%M%S)
-.venv/bin/python train.py --config configs/smoke.yaml --data-dir data/tiny-synthetic --output "$run"
-.venv/bin/python validate.py --checkpoint "$run/best.pth" --data-dir data/tiny-synthetic
-echo "run directory: $run (tensorboard --logdir $run/tb); activate the environment with: source .venv/bin/activate"
+.venv/bin/python train.py --config configs/smoke.yaml --data-dir data/tiny --output "$run"
+.venv/bin/python validate.py --checkpoint "$run/best.pth" --data-dir data/tiny
+.venv/bin/python scripts/report.py --runs "$run" --out "$run/report" >/dev/null
+echo "run directory: $run (its report: $run/report/report.md; tensorboard --logdir $run/tb)"
+echo "activate the environment with: source .venv/bin/activate"

@@ -132,6 +132,18 @@ def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, g
     return pipe
 
 
+class EpochStart:
+    """The ``sampler`` of a DaliLoader: where train.py says an epoch starts (``set_epoch(epoch, skip_batches)``).
+    Its own object, not the loader itself: a loader that referred to itself would be freed only by the cyclic
+    garbage collector, which may tear DALI's iterator and pipeline down in either order (a crash)."""
+
+    def __init__(self):
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.skip = skip_batches
+
+
 class DaliLoader:
     """A DALI pipeline behind the interface train.py expects of a loader: ``len``, ``sampler.set_epoch`` and
     (uint8 images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank."""
@@ -142,14 +154,10 @@ class DaliLoader:
                                      last_batch_policy=policy.DROP if training else policy.PARTIAL)
         self.steps = steps if steps is not None else len(self.iterator)
         self.files = files
-        self.skip = 0
-        self.sampler = self  # train.py calls loader.sampler.set_epoch(epoch, skip_batches)
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0):
-        self.skip = skip_batches
+        self.sampler = EpochStart()
 
     def __len__(self):
-        return self.steps - self.skip
+        return self.steps - self.sampler.skip
 
     def __iter__(self):
         # DALI restarts an epoch only after the last one ended: batches past ``steps``, and those a consumer leaves
@@ -158,7 +166,7 @@ class DaliLoader:
         drain = True
         try:
             for i, batch in batches:
-                if self.skip <= i < self.steps:
+                if self.sampler.skip <= i < self.steps:
                     images, labels = batch[0]['data'], batch[0]['label']
                     yield images, labels.squeeze(-1).long()
         except RuntimeError as error:
@@ -170,7 +178,7 @@ class DaliLoader:
             if drain:
                 for _ in batches:
                     pass
-            self.skip = 0
+            self.sampler.skip = 0
 
 
 def _dali_setup(args, device: torch.device):

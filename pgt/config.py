@@ -8,7 +8,7 @@ unknown key or a value of the wrong type names the key, the file and the closest
 ``args.yaml`` is accepted too (pgt.timm_args): its options that this suite does not implement are ignored, named in
 one warning when not at timm's default, and refused when they would change the training (--allow-timm-ignored).
 
-Numbers are read as YAML 1.2 does: ``1e-3`` is a float (PyYAML, a YAML 1.1 parser, would read it as a string).
+Recipe files are read by pgt.recipes (YAML 1.2 numbers; duplicate keys, other encodings and oversized files refused).
 """
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ import argparse
 import difflib
 import math
 import os
-import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 from timm.utils import ParseKwargs
 
 from .errors import CliParser, UsageError
+from .recipes import load_recipe
 from .timm_args import TIMM_ONLY_OPTIONS, changed_options, refusal_line, warning_line
 
 META_KEYS = ('base', 'paper', 'grid')
@@ -36,20 +35,6 @@ OPERATIONAL_KEYS = ('workers', 'log_interval', 'recovery_interval', 'checkpoint_
                     'strict_data', 'data_backend', 'dali_device', 'torchcompile', 'diagnostics',
                     'diagnostics_interval', 'diagnostics_mask', 'diagnostics_layers', 'paper', 'grid', 'batch_size',
                     'grad_accum_steps', 'global_batch_size', 'signal_check_interval')
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's float syntax: ``1e-3`` and ``5E4`` are floats, not strings."""
-
-
-RecipeLoader.add_implicit_resolver(
-    'tag:yaml.org,2002:float',
-    re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$''', re.X),
-    list('-+0123456789.'))
 
 
 def _bool_flag(group, name, help):
@@ -236,28 +221,6 @@ def _check_scalar(action, value, wrong):
     return value
 
 
-def load_recipe(path: str | os.PathLike, _seen: tuple = ()) -> tuple[dict, dict]:
-    """Read a recipe and its ``base:`` chain. Returns (merged mapping, key -> file it came from)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f'config file not found: {path}')
-    if path.resolve() in _seen:
-        raise UsageError(f'{path}: base recipes form a cycle: {" -> ".join(map(str, _seen + (path,)))}')
-    try:
-        data = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
-    except yaml.YAMLError as error:
-        raise UsageError(f'{path}: not valid YAML: {" ".join(str(error).split())}') from None
-    if not isinstance(data, dict):
-        raise UsageError(f'{path}: a recipe must be a mapping of option names to values')
-    data = {str(k).replace('-', '_'): v for k, v in data.items()}
-    merged, sources = {}, {}
-    if data.get('base'):
-        merged, sources = load_recipe(path.parent / str(data['base']), _seen + (path.resolve(),))
-    merged.update({k: v for k, v in data.items() if k != 'base'})
-    sources.update({k: str(path) for k in data if k != 'base'})
-    return merged, sources
-
-
 def recipe_to_defaults(recipe: dict, sources: dict, parser: argparse.ArgumentParser) -> tuple[dict, dict]:
     """Check every recipe key and value against the parser. Returns (argparse defaults keyed by ``dest``, the timm
     train.py options that this suite does not implement, which are ignored). ``null`` (and timm's '' for an unset
@@ -322,11 +285,13 @@ def ignored_options_warning(args: argparse.Namespace) -> str | None:
     return warning_line(*args._ignored_timm_options) if args._ignored_timm_options else None
 
 
-def resolved_config(args: argparse.Namespace) -> dict:
+def resolved_config(args: argparse.Namespace, provenance: bool = True) -> dict:
     """The configuration a run used, as a recipe that ``--config`` accepts again (a grid recipe's ``grid:`` block
-    describes the sweep, not the run, and is left out)."""
+    describes the sweep, not the run, and is left out). Without ``provenance``, also without the ``paper:`` block:
+    a run carries its recipe's provenance once, in config.yaml, not in every checkpoint and TensorBoard file."""
     return {k: v for k, v in sorted(vars(args).items())
-            if k not in RUN_CONTROL_KEYS and k != 'grid' and not k.startswith('_') and v is not None}
+            if k not in RUN_CONTROL_KEYS and k != 'grid' and not k.startswith('_') and v is not None
+            and (provenance or k != 'paper')}
 
 
 def config_changes(saved: dict, current: dict, saved_world_size: int, world_size: int) -> list[str]:

@@ -9,6 +9,7 @@ import sys
 from typing import Callable, Sequence
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 
 
 class RunError(Exception):
@@ -115,6 +116,11 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         prefix = 'stopped' if isinstance(error, (Preempted, StoppedDuringStartUp)) else 'error'
         print(f'{prefix}: {one_line(error)}', file=sys.stderr)
         code = error.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one where no handler asked for a graceful stop
+        if '--debug' in argv:
+            raise
+        print('stopped: interrupted (Ctrl-C); nothing more was saved', file=sys.stderr)
+        code = EXIT_INTERRUPTED
     finally:
         end_worker_processes()
     sys.exit(code)

@@ -88,14 +88,14 @@ def main(argv) -> int:
     scheduler, num_epochs = build_scheduler(optimizer, args, steps_per_epoch)
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp else None
     state = TrainState(run_dir, model, optimizer, make_scaler(env.device, amp_dtype), SkipStreak.zeros(env.device),
-                       env, resolved_config(args), loaders.classes, steps_per_epoch)
+                       env, resolved_config(args, provenance=False), loaders.classes, steps_per_epoch)
     start_epoch, start_step, meters = state.restore(*resume) if resume else (0, 0, None)
 
     # ---- the run directory: created only now that nothing above refused the run
     if env.is_main:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
     barrier()
-    runlog = RunLog(run_dir, env.is_main, start_epoch, hparams=resolved_config(args))
+    runlog = RunLog(run_dir, env.is_main, start_epoch, hparams=resolved_config(args, provenance=False))
     if env.is_main:
         save_config(args, run_dir / 'config.yaml')
     parts = training_parts(model, state, amp_dtype, args, env)
@@ -301,7 +301,7 @@ def check_resumable(resume: tuple[Path, dict], args, classes: list[str], world_s
         raise UsageError(f'{path} holds a {state.get("arch")} checkpoint; this run builds a {args.model}')
     if 'classes' in state:
         check_same_classes(classes, state['classes'], f'{args.data_dir}/train', f'the checkpoint {path}')
-    changes = config_changes(state['args'], resolved_config(args), state['world_size'], world_size)
+    changes = config_changes(state['args'], resolved_config(args, provenance=False), state['world_size'], world_size)
     if changes and not args.allow_config_change:
         raise UsageError(f'{path} was written under another configuration ({"; ".join(changes[:4])}); pass '
                          f'--allow-config-change to continue it anyway, or --output elsewhere for a new run')

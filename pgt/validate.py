@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -66,11 +67,26 @@ def parse_args(argv):
     run.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
     run.add_argument('--debug', action='store_true')
     args = p.parse_args(argv)
+    check_values(args)
     if bool(args.checkpoint) == bool(args.pretrained):
         raise UsageError('give --checkpoint PATH, or --model NAME --pretrained (one of the two)')
     if args.pretrained and not args.model:
         raise UsageError('--pretrained needs --model NAME')
     return args
+
+
+def check_values(args) -> None:
+    """Sizes and counts that are given must be usable: 0 is not "the checkpoint's value", it is refused."""
+    for dest, low in (('batch_size', 1), ('workers', 0), ('val_img_size', 1), ('num_classes', 1)):
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise UsageError(f'--{dest.replace("_", "-")}: must be >= {low}, got {value}')
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UsageError(f'--crop-pct: must be in (0, 1], got {args.crop_pct}')
+    for dest in ('mean', 'std'):
+        values = getattr(args, dest)
+        if values is not None and (not all(map(math.isfinite, values)) or (dest == 'std' and min(values) <= 0)):
+            raise UsageError(f'--{dest}: must be finite{" and > 0" if dest == "std" else ""}, got {values}')
 
 
 def build_model(args, weights: dict | None, info: dict):

@@ -22,21 +22,26 @@ stop() {
     exit 2
 }
 
-# torch and torchvision as one pair in one pip command (requirements-torch.txt, the pair CI tests): pip given them
-# apart can pair any torch with a torchvision built for another, which fails only at its first operator. Without an
-# NVIDIA GPU the CPU build comes first (the CUDA build is gigabytes of libraries that cannot run there); where
-# PyTorch's CPU index is out of reach, the same pair from the default index. A torch already in .venv is the user's
-# choice: it is checked, never replaced.
-if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
-    echo "env: installing torch and torchvision (requirements-torch.txt) into .venv; this takes a few minutes" >&2
-    if command -v nvidia-smi >/dev/null 2>&1 || ! pip_install --timeout 20 --retries 1 \
-            --index-url https://download.pytorch.org/whl/cpu -r requirements-torch.txt 2>/dev/null; then
-        pip_install -r requirements-torch.txt || stop "could not install torch and torchvision"
+# Installs run once per content of the requirements files and pyproject.toml; a later run only checks.
+stamp=".venv/installed-$(cat "$@" pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+    # torch and torchvision as one pair in one pip command (requirements-torch.txt, the pair CI tests): pip given
+    # them apart can pair any torch with a torchvision built for another, which fails only at its first operator.
+    # Without an NVIDIA GPU the CPU build comes first (the CUDA build is gigabytes of libraries that cannot run
+    # there); where PyTorch's CPU index is out of reach, the same pair from the default index. A torch already in
+    # .venv is the user's choice: it is checked, never replaced.
+    if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+        echo "env: installing torch and torchvision (requirements-torch.txt) into .venv; this takes a few minutes" >&2
+        if command -v nvidia-smi >/dev/null 2>&1 || ! pip_install --timeout 20 --retries 1 \
+                --index-url https://download.pytorch.org/whl/cpu -r requirements-torch.txt 2>/dev/null; then
+            pip_install -r requirements-torch.txt || stop "could not install torch and torchvision"
+        fi
     fi
+    .venv/bin/python scripts/check_env.py --pair  # a broken pair stops here, before anything else is installed
+    for requirements in "$@"; do
+        pip_install -r "$requirements" || stop "could not install $requirements"
+    done
+    pip_install --no-deps -e . || stop "could not install this package (pip install -e .)"
+    touch "$stamp"
 fi
-.venv/bin/python scripts/check_env.py --pair
-for requirements in "$@"; do
-    pip_install -r "$requirements" || stop "could not install $requirements"
-done
-pip_install --no-deps -e . || stop "could not install this package (pip install -e .)"
 .venv/bin/python scripts/check_env.py

@@ -1,10 +1,14 @@
 """Recipes: defaults < YAML (with base chains) < command line, and the errors for bad keys and values."""
+import contextlib
+import io
+
 import pytest
 import yaml
 
 from conftest import ROOT
+from pgt import train
 from pgt.config import build_parser, finalize_args, ignored_options_warning, parse_config, resolved_config
-from pgt.errors import UsageError
+from pgt.errors import UsageError, run_cli
 
 
 def write(path, data):
@@ -60,6 +64,53 @@ def test_missing_config_and_bad_yaml(tmp_path):
     (tmp_path / 'broken.yaml').write_text('lr: [0.1\n')
     with pytest.raises(UsageError, match='broken.yaml: not valid YAML'):
         parse_config(['--config', str(tmp_path / 'broken.yaml')])
+
+
+def refusal(path, content) -> str:
+    """The one line train.py prints for the recipe ``content`` (bytes or text) at ``path``, asserting exit code 2."""
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        run_cli(train.main, ['--config', str(path), '--dry-run'])
+    assert exit_.value.code == 2
+    [line] = stderr.getvalue().splitlines()
+    return line
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    assert refusal(tmp_path / 'r.yaml', 'lr: 0.1\nepochs: 3\nlr: 0.2\n') == (
+        f"error: {tmp_path}/r.yaml:3: key 'lr' is given twice (first on line 1); keep one")
+    assert refusal(tmp_path / 'r.yaml', 'batch-size: 32\nbatch_size: 64\n') == (
+        f"error: {tmp_path}/r.yaml:2: key 'batch_size' is given twice (first on line 1); keep one")
+    assert refusal(tmp_path / 'r.yaml', 'paper:\n  note: a\n  note: b\n') == (
+        f"error: {tmp_path}/r.yaml:3: key 'note' is given twice (first on line 2); keep one")
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
+    assert refusal(tmp_path / 'r.yaml', b'lr: 0.1\npaper:\n  note: caf\xe9 (latin-1)\n') == (
+        f'error: {tmp_path}/r.yaml:3: not UTF-8 text (byte 0xe9); save the recipe as UTF-8')
+
+
+def test_aliases_that_expand_beyond_the_bound_are_refused(tmp_path):
+    """A "billion laughs" recipe: nine levels of nine aliases stand for 9^9 strings in a file of 1 KB."""
+    lines = ['paper:', '  a: &a [x, x, x, x, x, x, x, x, x]']
+    for level in range(1, 9):
+        previous, name = chr(ord('a') + level - 1), chr(ord('a') + level)
+        lines.append(f'  {name}: &{name} [{", ".join([f"*{previous}"] * 9)}]')
+    assert refusal(tmp_path / 'r.yaml', '\n'.join(lines) + '\n') == (
+        f'error: {tmp_path}/r.yaml: its aliases expand to more than 100,000 values; a recipe needs none of that size')
+    lines = ['paper:', '  a: &a [x, x]', '  b: [*a, *a]']  # aliases within the bound are read as YAML reads them
+    write(tmp_path / 'ok.yaml', {})
+    (tmp_path / 'ok.yaml').write_text('\n'.join(lines) + '\n')
+    assert parse_config(['--config', str(tmp_path / 'ok.yaml')]).paper == {'a': ['x', 'x'], 'b': [['x', 'x']] * 2}
+
+
+def test_a_recipe_and_its_paper_block_are_bounded_and_the_paper_block_is_kept_out_of_checkpoints(tmp_path):
+    assert refusal(tmp_path / 'r.yaml', 'paper:\n  note: "' + 'x' * 70_000 + '"\n') == (
+        f"error: {tmp_path}/r.yaml: the paper: block is over 64 KiB; it records a row's provenance, not documents")
+    assert refusal(tmp_path / 'r.yaml', '# ' + 'x' * (1 << 20) + '\nlr: 0.1\n') == (
+        f'error: {tmp_path}/r.yaml: 1,048,587 bytes; a recipe is at most 1,048,576')
+    args = parse_config(['--config', str(ROOT / 'configs' / 'paper' / 'resnet18-cosine-pgt.yaml')])
+    assert 'paper' in resolved_config(args) and 'paper' not in resolved_config(args, provenance=False)
 
 
 def test_unknown_command_line_option_is_a_usage_error():

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import pytest
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from conftest import BASE, ROOT, TINY, copy_run, file_digests, one_line_error, run_main, user_namespaces_work
+from conftest import (BASE, ROOT, TINY, copy_run, file_digests, one_line_error, read_until, run_main, start_training,
+                      user_namespaces_work)
 from pgt.dali import image_list
 from pgt.data import ImageFolderWithRecovery
 from pgt.folders import scan_image_folder
@@ -218,3 +220,28 @@ def test_sync_batch_norm_on_cpu_ranks_is_refused_in_one_line(tiny_data, tmp_path
     # agent's, whose summary names the script it launched (.../pgt/train.py FAILED where the checkout is named pgt).
     assert not re.search(r'File "[^"]*/pgt/\w+\.py"', result.stderr), result.stderr[-3000:]
     assert not (tmp_path / 'run').exists()
+
+
+def test_validate_refuses_unusable_values_in_one_line(straight_run, tiny_data):
+    """0 is not "the checkpoint's value": every value given is checked, none replaced."""
+    common = ['--checkpoint', straight_run / 'last.pth', '--data-dir', tiny_data]
+    for bad, line in ((['-b', -1], '--batch-size: must be >= 1, got -1'), (['-b', 0], '--batch-size: must be >= 1, '
+                      'got 0'), (['-j', -1], '--workers: must be >= 0, got -1'), (['--img-size', 0], '--val-img-size: '
+                      'must be >= 1, got 0'), (['--crop-pct', 0], '--crop-pct: must be in (0, 1], got 0.0'),
+                      (['--std', 0.2, 0, 0.2], '--std: must be finite and > 0, got [0.2, 0.0, 0.2]')):
+        result = run_main('validate.py', *common, *bad)
+        assert result.returncode == 2 and one_line_error(result.stderr) == f'error: {line}', bad
+
+
+def test_ctrl_c_twice_is_one_line_not_a_traceback(tiny_data, tmp_path):
+    """The first Ctrl-C asks for a graceful stop (a recovery checkpoint, exit 75); a second one before that is done
+    stops at once, as a user who presses it twice means."""
+    process = start_training(*BASE, '--data-dir', tiny_data, '--output', tmp_path / 'run', '--epochs', 20)
+    read_until(process, r'epoch 0/\d+ step 2/')
+    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    line = one_line_error(rest)
+    assert (process.returncode, line) in ((130, 'stopped: interrupted (Ctrl-C); nothing more was saved'),
+                                          (75, line)), (process.returncode, rest[-2000:])
+    assert line.startswith('stopped: ')

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import RunError, UsageError
+from .runlock import RunLock
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ('state_dict', 'optimizer', 'epoch', 'step')
@@ -330,10 +331,12 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
                              f'continue it, --overwrite to replace it, or another --output')
 
 
-def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Create the run directory and check that it is writable. ``--overwrite`` (without --resume) removes the old
-    run's files first, so that a crash of the new run can never resume the old one. Temporary files that a killed
-    process left behind are removed."""
+def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, lock: RunLock) -> None:
+    """Create the run directory and check that it is writable. A directory that this job did not find when it
+    started is locked now, and must still hold no run: another job may have begun one there meanwhile.
+    ``--overwrite`` (without --resume) removes the old run's files first, so that a crash of the new run can never
+    resume the old one. Temporary files that a killed process left behind are removed (under the lock: none of them
+    can be another job's)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / '.write-test.tmp'
@@ -341,6 +344,11 @@ def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
         probe.unlink()
     except OSError as error:
         raise UsageError(f'cannot write to --output {run_dir}: {error.strerror or error}') from None
+    if lock.fd is None:
+        lock.acquire()
+        if existing_run_files(run_dir) and not overwrite:
+            raise UsageError(f'{run_dir}: another job began a run there while this one was starting; continue it '
+                             f'with --resume auto, or choose another --output')
     if overwrite and not resume:
         for name in (*existing_run_files(run_dir), 'config.yaml'):
             (run_dir / name).unlink(missing_ok=True)

@@ -21,7 +21,10 @@ recovery interval, so a signal never costs more than the recovery checkpoints al
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,12 @@ import torch.distributed as dist
 from .errors import StoppedDuringStartUp
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _signal_when_orphaned(parent: int, interval: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
@@ -48,6 +57,16 @@ class PreemptionFlag:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         return self
+
+    def watch_launcher(self, interval: float = 1.0) -> None:
+        """Under torchrun, stop as on SIGTERM when the launcher is gone. torchrun starts each rank in a session of
+        its own, so killing the launcher's process group (kill -9 of a job, a node agent dying) leaves the ranks
+        running on, writing into the run directory with no one to restart or stop them. A thread notices that the
+        rank's parent changed and sends the rank SIGTERM: it saves a recovery checkpoint and exits 75."""
+        if 'TORCHELASTIC_RUN_ID' not in os.environ:
+            return
+        threading.Thread(target=_signal_when_orphaned, args=(os.getppid(), interval), daemon=True,
+                         name='pgt-launcher-watch').start()
 
     def training_started(self) -> None:
         """From here on a signal only sets the flag; a signal that came before was already acted on."""

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from .loaders import Loaders, build_loaders
 from .models import create_model
 from .optim import build_optimizer, build_scheduler, clip_parameters
 from .preemption import PreemptionFlag
+from .runlock import RunLock
 from .runlog import RunLog, setup_logging
 from .trainstate import TrainState
 from .transform import PowerGradCrossEntropy
@@ -65,8 +67,20 @@ def main(argv) -> int:
     if ignored_options_warning(args):
         log.warning(ignored_options_warning(args))
     resolve_device_settings(args, env.device)
-    run_dir = choose_run_dir(args, given)
+    preemption.watch_launcher()
+    run_dir, lock = claim_run_dir(args, given, env)
+    try:
+        train(args, env, run_dir, lock, given, preemption)
+    finally:
+        lock.release()
+    shutdown()
+    return 0
 
+
+def train(args, env: DistEnv, run_dir: Path, lock: RunLock, given: tuple[Path, dict] | None,
+          preemption: PreemptionFlag) -> None:
+    """The run, once its directory is claimed: data, the checkpoint to continue from, model and optimizer, the run
+    directory's files, then the epoch loop."""
     # ---- data, and the checkpoint to continue from
     loaders = build_loaders(args, env.rank, env.world_size, env.device)
     log.info('data: %d training and %d validation images in %d classes', loaders.train_images, loaders.val_images,
@@ -91,10 +105,8 @@ def main(argv) -> int:
                        env, resolved_config(args, provenance=False), loaders.classes, steps_per_epoch)
     start_epoch, start_step, meters = state.restore(*resume) if resume else (0, 0, None)
 
-    # ---- the run directory: created only now that nothing above refused the run
-    if env.is_main:
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
-    barrier()
+    # ---- the run directory: created (and locked, if it is new) only now that nothing above refused the run
+    run_on_main(functools.partial(prepare_run_dir, run_dir, args.resume, args.overwrite, lock), env.is_main)
     runlog = RunLog(run_dir, env.is_main, start_epoch, hparams=resolved_config(args, provenance=False))
     if env.is_main:
         save_config(args, run_dir / 'config.yaml')
@@ -120,8 +132,6 @@ def main(argv) -> int:
         log.info('best eval top-1 %.2f at epoch %d; run directory %s', state.best['top1'], state.best['epoch'],
                  run_dir)
     barrier()
-    shutdown()
-    return 0
 
 
 @dataclass
@@ -143,15 +153,20 @@ class Training:
 
 # ---- set-up
 
-def choose_run_dir(args, given: tuple[Path, dict] | None) -> Path:
-    """--output; else the folder of the checkpoint given to --resume; else runs/<model>-<time>, the same on every
-    rank. A folder that holds another run is refused here, before anything is written."""
+def claim_run_dir(args, given: tuple[Path, dict] | None, env: DistEnv) -> tuple[Path, RunLock]:
+    """--output; else the folder of the checkpoint given to --resume; else a new runs/<model>-<time>-<random>, the
+    same on every rank and never the folder of another job started in the same second. A folder that holds another
+    run is refused here; one that exists is locked now (rank 0), before anything in it is read or written, so that
+    no other job can use it until this one ends (pgt.runlock)."""
     if args.output is None:
-        stamp = time.strftime('%Y%m%d-%H%M%S')
-        args.output = broadcast_object(str(given[0].parent) if given else f'runs/{args.model}-{stamp}')
+        fresh = f'runs/{args.model}-{time.strftime("%Y%m%d-%H%M%S")}-{secrets.token_hex(3)}'
+        args.output = broadcast_object(str(given[0].parent) if given else fresh)
     run_dir = Path(args.output)
     check_run_dir(run_dir, args.resume, args.overwrite)
-    return run_dir
+    lock = RunLock(run_dir)
+    if run_dir.is_dir():
+        run_on_main(lock.acquire, env.is_main)
+    return run_dir, lock
 
 
 def find_auto_resume(args, run_dir: Path) -> tuple[Path, dict] | None:

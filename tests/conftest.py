@@ -206,10 +206,11 @@ def one_line_error(result_stderr: str) -> str:
 
 
 def file_digests(run_dir) -> dict[str, str]:
-    """sha256 of every file under ``run_dir`` (relative path -> digest)."""
+    """sha256 of every file under ``run_dir`` (relative path -> digest), but the lock file a job leaves (pgt.runlock:
+    its claim on the directory, rewritten by every job that takes it)."""
     run_dir = Path(run_dir)
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob('*')) if p.is_file()}
+            for p in sorted(run_dir.rglob('*')) if p.is_file() and p.name != '.lock'}
 
 
 @pytest.fixture(scope='session')

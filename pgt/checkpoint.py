@@ -128,7 +128,7 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f'.{path.name}.tmp')
 
 
-# The one seam for fault injection: when set (by tests/crash_writing.py), called as the bytes of a file of the run are
+# The one seam for fault injection: when set (by tests/faulty_writes.py), called as the bytes of a file of the run are
 # about to be written, with the path, the open temporary file and the data; for a file that is a hard link, once the
 # link is made and before it is renamed into place, with None for both.
 before_write: Callable[[Path, BinaryIO | None, memoryview | None], None] | None = None

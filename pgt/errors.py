@@ -104,23 +104,29 @@ def end_worker_processes() -> None:
             child.join()
 
 
-def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
+def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None,
+            on_exit: Callable[[int, str | None], None] | None = None) -> None:
     """Run ``main(argv)``; a RunError becomes ``error: <message>`` on stderr and its exit code (2 for bad input),
-    with the traceback only under ``--debug``. Worker processes are ended however ``main`` ends."""
+    with the traceback only under ``--debug``. Worker processes are ended however ``main`` ends. ``on_exit`` hears
+    the exit code and the line printed (None when none was)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    line = None
     try:
         code = main(argv) or 0
     except (RunError, StoppedDuringStartUp) as error:
         if '--debug' in argv:
             raise
         prefix = 'stopped' if isinstance(error, (Preempted, StoppedDuringStartUp)) else 'error'
-        print(f'{prefix}: {one_line(error)}', file=sys.stderr)
+        line = f'{prefix}: {one_line(error)}'
         code = error.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one where no handler asked for a graceful stop
         if '--debug' in argv:
             raise
-        print('stopped: interrupted (Ctrl-C); nothing more was saved', file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        line, code = 'stopped: interrupted (Ctrl-C); nothing more was saved', EXIT_INTERRUPTED
     finally:
         end_worker_processes()
+    if line is not None:
+        print(line, file=sys.stderr)
+    if on_exit is not None:
+        on_exit(code, line)
     sys.exit(code)

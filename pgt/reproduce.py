@@ -54,8 +54,9 @@ def parse_args(argv):
 
 
 def launcher(nproc: int) -> list[str]:
-    """torchrun of this environment (``python -m torch.distributed.run``: no torchrun needs to be on PATH)."""
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}']
+    """torchrun of this environment (``python -m pgt.launch``, torchrun with the stop signals and grace of
+    pgt.launch; no torchrun needs to be on PATH)."""
+    return [sys.executable, '-m', 'pgt.launch', '--standalone', f'--nproc-per-node={nproc}']
 
 
 def main(argv) -> int:

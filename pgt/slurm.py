@@ -6,7 +6,8 @@ What the script does that SLURM does not do for it:
 - ``srun`` is given ``--cpus-per-task`` (slurm_step.sh): Slurm 22.05-23.02 do not pass the batch job's value down,
   so the ranks and their loader workers would share one core;
 - the environment: ranks are started by the Python that wrote the script (``--python``), as
-  ``python -m torch.distributed.run``, so no environment needs activating on the node;
+  ``python -m pgt.launch`` (torchrun with the stop signals and grace of pgt.launch), so no environment needs
+  activating on the node;
 - the rendezvous port is derived from the task's job id, so two tasks on one node do not collide;
 - ``--gpus`` may be typed (``a100:4``): the count, not the whole value, is the number of ranks;
 - ``--max-concurrent N`` caps the tasks that run at once (``--array=0-K%N``).
@@ -42,7 +43,7 @@ runs=(
 {runs}
 )
 eval "train_args=(${{runs[$SLURM_ARRAY_TASK_ID]}})"
-exec bash scripts/slurm_step.sh "$PYTHON" -m torch.distributed.run --nnodes=1 --nproc-per-node={nproc} \\
+exec bash scripts/slurm_step.sh "$PYTHON" -m pgt.launch --nnodes=1 --nproc-per-node={nproc} \\
     --rdzv-backend=c10d --rdzv-endpoint="localhost:$port" --rdzv-id="$SLURM_JOB_ID" \\
     train.py "${{train_args[@]}}"
 '''

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from .engine import (AMP_DTYPES, BufferGuard, EpochMeters, SkipStreak, StepEvent
                      make_scaler, to_device, train_one_epoch)
 from .errors import Preempted, TrainingDiverged, UsageError, run_cli
 from .folders import check_same_classes
+from .launch import final_failure, report_exit
 from .loaders import Loaders, build_loaders
 from .models import create_model
 from .optim import build_optimizer, build_scheduler, clip_parameters
@@ -325,8 +327,16 @@ def check_resumable(resume: tuple[Path, dict], args, classes: list[str], world_s
 
 
 def cli() -> None:
-    """The ``pgt-train`` console command (and ``python train.py`` from a clone)."""
-    run_cli(main)
+    """The ``pgt-train`` console command (and ``python train.py`` from a clone). Under torchrun, a restart after a
+    final failure (bad input, divergence: the same again on every attempt) repeats its line and code at once, and
+    every exit is reported to pgt-torchrun (pgt.launch)."""
+    failed = final_failure()
+    if failed is not None:
+        code, line = failed
+        print(f'{line} (not run again: an earlier attempt of this torchrun run ended so)', file=sys.stderr)
+        report_exit(code, None)
+        sys.exit(code)
+    run_cli(main, on_exit=report_exit)
 
 
 if __name__ == '__main__':

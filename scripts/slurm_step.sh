@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Run one training command under SLURM so that it survives preemption and time limits:
-#   scripts/slurm_step.sh python -m torch.distributed.run ... train.py ... --resume auto
+#   scripts/slurm_step.sh python -m pgt.launch ... train.py ... --resume auto
 # The command runs as a job step (srun) with the batch job's --cpus-per-task: Slurm 22.05-23.02 do not pass it down
 # to srun, which would leave every rank and loader worker of the node on one core.
 # SLURM signals the batch shell (#SBATCH --signal=B:USR1@300, or SIGTERM on preemption). This script forwards
-# SIGTERM to the job step; torchrun passes it to every rank; train.py finishes its step, writes recovery.pth and
-# exits 75. The job then requeues itself, and the next start resumes with --resume auto.
+# SIGTERM to the job step; pgt.launch (torchrun) passes it to every rank; train.py finishes its step, writes
+# recovery.pth and exits 75, and so does pgt.launch. The job then requeues itself, and the next start resumes with
+# --resume auto. Any other end (bad input exits 2, a diverged run 3, a crash) is final: no requeue.
 set -uo pipefail
 requeue=0
 forward() {

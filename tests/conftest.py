@@ -133,7 +133,8 @@ TIMING_COLUMNS = ('train_img_per_sec',)
 
 
 def torchrun_command(*args, ranks: int = 2, max_restarts: int = 0) -> list[str]:
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(ranks),
+    """train.py under torchrun, as the docs and the SLURM scripts start it: through pgt.launch."""
+    return [sys.executable, '-m', 'pgt.launch', '--standalone', '--nproc-per-node', str(ranks),
             '--max-restarts', str(max_restarts), str(ROOT / 'train.py'), *map(str, args)]
 
 

@@ -170,8 +170,8 @@ def test_kill_9_during_each_epoch_end_write_then_resume(first_crash, straight_ru
     summary.csv are those of the uninterrupted run, and no temporary file is left."""
     run_dir = tmp_path / 'run'
     args = [*BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto', '--checkpoint-interval', 1]
-    for crash in (first_crash, 'last.pth:2'):
-        result = run_script('tests/crash_writing.py', crash, *args)
+    for crash in (f'{first_crash}:1', 'last.pth:2'):
+        result = run_script('tests/faulty_writes.py', f'kill:{crash}', *args)
         assert result.returncode == -9, result.stderr[-3000:]
         assert (run_dir / f'.{crash.partition(":")[0]}.tmp').exists()  # killed during that very write
     run_main('train.py', *args, check=True)

@@ -47,7 +47,8 @@ def test_pip_install_into_a_fresh_environment_works_outside_the_repository(tmp_p
                  '    print(ep.name, "usage:" in out.getvalue())\n')
     result = subprocess.run([python, '-c', check_all], cwd=outside, capture_output=True, text=True)
     assert result.stdout.split() == ['pgt-preflight', 'True', 'pgt-report', 'True', 'pgt-reproduce', 'True',
-                                     'pgt-train', 'True', 'pgt-validate', 'True'], result.stderr[-2000:]
+                                     'pgt-torchrun', 'True', 'pgt-train', 'True', 'pgt-validate', 'True'], \
+        result.stderr[-2000:]
     help_text = subprocess.run([venv / 'bin' / 'pgt-train', '--help'], cwd=outside, capture_output=True,
                                text=True).stdout
     assert '--pgt-alpha' in help_text and '-c FILE.yaml, --config FILE.yaml' in help_text

@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,30 +59,66 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(str
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchruns_process_group_saves_and_resumes_exactly(straight_run_2_ranks, tiny_data, tmp_path):
-    """The agent is signalled with its group; it sends SIGTERM to each rank's process group (workers included).
-    The ranks agree on the signal every --signal-check-interval (4) steps: both stop after the same step, a multiple
-    of 4 within 4 steps of the signal, with exit 75 and one recovery checkpoint. The agent itself then exits with
-    torchrun's SignalException (code 1): that is torchrun's own behaviour, which scripts/slurm_step.sh does not
-    rely on (it requeues on the signal it received)."""
+@pytest.mark.parametrize('stop', [signal.SIGUSR1, signal.SIGINT], ids=['SIGUSR1', 'SIGINT'])
+def test_a_signal_to_torchruns_process_group_saves_exits_75_and_resumes_exactly(stop, straight_run_2_ranks, tiny_data,
+                                                                               tmp_path):
+    """The launcher is signalled with its group (SLURM's warning signal, a terminal's Ctrl-C); it forwards the signal
+    to each rank's process group (workers included), where torchrun alone dies of SIGUSR1 (exit 138) or ends in its
+    SignalException traceback. The ranks agree on the signal every --signal-check-interval (4) steps: both stop
+    after the same step, a multiple of 4 within 4 steps of the signal, with one recovery checkpoint; the launcher
+    exits with their code, 75, in one line. Resumed, the run ends as the uninterrupted one."""
     run_dir = tmp_path / 'preempted'
     two_ranks = [*BASE, '--data-dir', tiny_data, '--output', run_dir, '--global-batch-size', 32, '--workers', 2,
                  '--recovery-interval', 0, '--resume', 'auto', '--signal-check-interval', 4]
     agent = start_training(command=torchrun_command(*two_ranks))
     seen = last_step(read_until(agent, r'epoch 0/1 step 3/'), 0)
+    os.killpg(agent.pid, stop)
+    _, rest = agent.communicate(timeout=120)
+    stops = re.findall(rf'stopped: {stop.name} at epoch 0 step (\d+): recovery checkpoint', rest)
+    assert len(stops) == 2 and stops[0] == stops[1], rest[-3000:]
+    step = int(stops[0])
+    assert step % 4 == 0 and step - seen <= 4 + 1, (seen, step)  # +1: the step running when the signal lands
+    assert 'killed by signal' not in rest and 'Unable to shutdown process' not in rest, rest[-3000:]
+    assert agent.returncode == 75 and 'Traceback' not in rest, rest[-3000:]
+    assert rest.strip().splitlines()[-1] == f'pgt-torchrun: {stop.name}: the ranks exited with code 75'
+    assert torch.load(run_dir / 'recovery.pth', weights_only=True)['step'] == step
+    if stop == signal.SIGUSR1:
+        result = subprocess.run(torchrun_command(*two_ranks), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run_2_ranks / 'last.pth'))
+        assert summary_values(run_dir) == summary_values(straight_run_2_ranks)
+
+
+@pytest.mark.slow
+def test_the_stop_checkpoint_on_slow_storage_fits_the_launchers_grace(tiny_data, tmp_path):
+    """Every write of recovery.pth takes 8 s more, as an fsync to a loaded network filesystem does: the ranks still
+    save before the launcher would kill them (torchrun alone waits 30 s; pgt.launch STOP_GRACE_SECONDS)."""
+    run_dir = tmp_path / 'run'
+    command = torchrun_command(*BASE, '--data-dir', tiny_data, '--output', run_dir, '--global-batch-size', 32,
+                               '--recovery-interval', 0, '--signal-check-interval', 1, '--epochs', 50)
+    script = command.index(str(ROOT / 'train.py'))
+    command[script:script + 1] = [str(ROOT / 'tests' / 'faulty_writes.py'), 'slow:recovery.pth:8']
+    agent = start_training(command=command)
+    read_until(agent, r'epoch 0/\d+ step 2/')
+    started = time.monotonic()
     os.killpg(agent.pid, signal.SIGTERM)
     _, rest = agent.communicate(timeout=120)
-    stops = re.findall(r'stopped: SIGTERM at epoch 0 step (\d+): recovery checkpoint', rest)
-    assert len(stops) == 2 and stops[0] == stops[1], rest[-3000:]
-    stop = int(stops[0])
-    assert stop % 4 == 0 and stop - seen <= 4 + 1, (seen, stop)  # +1: the step running when the signal lands
-    assert 'killed by signal' not in rest and 'Unable to shutdown process' not in rest, rest[-3000:]
-    assert agent.returncode != 0 and 'SignalException' in rest
-    assert torch.load(run_dir / 'recovery.pth', weights_only=True)['step'] == stop
-    result = subprocess.run(torchrun_command(*two_ranks), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run_2_ranks / 'last.pth'))
-    assert summary_values(run_dir) == summary_values(straight_run_2_ranks)
+    assert agent.returncode == 75 and time.monotonic() - started >= 8, rest[-3000:]
+    assert torch.load(run_dir / 'recovery.pth', weights_only=True)['epoch'] == 0
+
+
+@pytest.mark.slow
+def test_a_final_failure_is_not_run_again_by_torchruns_restarts(tiny_data, tmp_path):
+    """--max-restarts restarts the ranks after any failure. Bad input fails the same way every time: the restarted
+    ranks repeat the line and the code at once, without starting again, and the launcher exits 2."""
+    result = subprocess.run(torchrun_command(*BASE, '--data-dir', tmp_path / 'no-such-data', '--output',
+                                             tmp_path / 'run', max_restarts=1), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count(' pgt 0.3.0 (') == 1  # the first attempt's start-up line: rank 0, once
+    assert result.stderr.count(f'error: data directory not found: {tmp_path}/no-such-data (not run again: an '
+                               f'earlier attempt of this torchrun run ended so)') == 2  # the restart's two ranks
+    assert not (tmp_path / 'run').exists()
 
 
 def _agreement_worker(rank, init_file, result_file):

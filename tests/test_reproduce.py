@@ -12,7 +12,7 @@ from conftest import ROOT, run_main
 from pgt import reproduce
 
 TABLE1 = [r['row'] for r in csv.DictReader(open(ROOT / 'configs/paper/published.csv')) if r['table'] == '1']
-LAUNCHER = f'{sys.executable} -m torch.distributed.run --standalone --nproc-per-node=4 train.py '
+LAUNCHER = f'{sys.executable} -m pgt.launch --standalone --nproc-per-node=4 train.py '
 
 
 def commands(stdout):
@@ -127,7 +127,7 @@ def test_the_array_script_runs_under_stand_ins_for_srun_and_scontrol(tmp_path, s
         assert 'model: resnet18_nobn' in result.stdout  # train.py ran (--dry-run prints the configuration)
     first, second = ((calls / f'srun-{job}.args').read_text().splitlines() for job in (101, 102))
     assert first[:2] == ['--kill-on-bad-exit=1', '--cpus-per-task=3']
-    assert first[2:5] == [sys.executable, '-m', 'torch.distributed.run']  # the environment's own torchrun
+    assert first[2:5] == [sys.executable, '-m', 'pgt.launch']  # torchrun of the environment that wrote the script
     ports = [next(a for a in args if a.startswith('--rdzv-endpoint=')) for args in (first, second)]
     assert ports == ['--rdzv-endpoint=localhost:20101', '--rdzv-endpoint=localhost:20102']
     configs = [next(args[i + 1] for i, a in enumerate(args) if a == '--config') for args in (first, second)]

@@ -61,7 +61,7 @@ def test_overwrite_removes_the_old_run_so_a_crash_cannot_resume_it(run_copy, tin
     """--overwrite with a new configuration, killed before its first checkpoint: --resume auto then starts the new
     run from scratch, rather than continuing the old run's recovery.pth under the new configuration."""
     args = [*BASE, '--data-dir', tiny_data, '--output', run_copy, '--lr', 0.05]
-    killed = run_script('tests/crash_writing.py', 'recovery.pth', *args, '--overwrite')
+    killed = run_script('tests/faulty_writes.py', 'kill:recovery.pth:1', *args, '--overwrite')
     assert killed.returncode == -9
     assert not [p.name for p in run_copy.glob('*.pth')]
     result = run_main('train.py', *args, '--resume', 'auto', '--epochs', 1, '--pgt-start-epoch', 0, check=True)

@@ -31,8 +31,8 @@ RUN_CONTROL_KEYS = ('config', 'resume', 'overwrite', 'dry_run', 'debug', 'output
                     'stop_after_epoch', 'allow_config_change', 'allow_timm_ignored', 'dataset_download')
 # Options that may differ between the jobs of one run without changing what it trains. The per-GPU batch may change
 # with the number of GPUs (--global-batch-size): the global batch is compared instead (pgt.config.config_changes).
-OPERATIONAL_KEYS = ('workers', 'log_interval', 'recovery_interval', 'checkpoint_interval', 'max_skipped_steps',
-                    'strict_data', 'data_backend', 'dali_device', 'torchcompile', 'diagnostics',
+OPERATIONAL_KEYS = ('workers', 'loader_timeout', 'log_interval', 'recovery_interval', 'checkpoint_interval',
+                    'max_skipped_steps', 'strict_data', 'data_backend', 'dali_device', 'torchcompile', 'diagnostics',
                     'diagnostics_interval', 'diagnostics_mask', 'diagnostics_layers', 'paper', 'grid', 'batch_size',
                     'grad_accum_steps', 'global_batch_size', 'signal_check_interval')
 
@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='alias of --data-backend dali (the published code\'s flag)')
     g.add_argument('--dali-device', choices=('gpu', 'cpu'), default=None,
                    help='DALI decoding device (default: gpu when CUDA is available)')
-    g.add_argument('-j', '--workers', type=int, default=4, help='data loading processes per rank')
+    g.add_argument('-j', '--workers', type=int, default=4,
+                   help='data loading processes per rank (at most the CPUs the process may use)')
+    g.add_argument('--loader-timeout', type=int, default=300, metavar='SECONDS',
+                   help='stop with an error when the loader workers deliver no batch for this long (a worker hung)')
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
     g.add_argument('--img-size', type=int, default=None, help="training image size (default: the model's)")
     g.add_argument('--val-img-size', type=int, default=None,
@@ -352,6 +355,7 @@ FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)
 INT_MINIMA = {'batch_size': 1, 'grad_accum_steps': 1, 'epochs': 1, 'log_interval': 1, 'max_skipped_steps': 1,
               'img_size': 1, 'val_img_size': 1, 'synthetic_steps': 1, 'lr_base_size': 1, 'signal_check_interval': 1,
               'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1, 'workers': 0, 'seed': 0,
+              'loader_timeout': 1,
               'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0, 'recovery_interval': 0,
               'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0, 'diagnostics_layers': 0}
 

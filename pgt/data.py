@@ -222,7 +222,7 @@ def _loader_options(args, device: torch.device) -> dict:
     # The loader's own generator: its worker seeds must not draw from (and so shift) the training RNG stream.
     return dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
                 generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_stop_signals,
-                collate_fn=fast_collate)
+                collate_fn=fast_collate, timeout=getattr(args, 'loader_timeout', 300) if args.workers > 0 else 0)
 
 
 def _split_dataset(args, split: str, rank: int):

@@ -20,6 +20,7 @@ from timm.utils import dispatch_clip_grad
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum, world_size
+from .errors import LoaderFailed, end_worker_processes, one_line
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}  # --amp-dtype names
 
@@ -259,13 +260,13 @@ def accumulated(batches, parts: TrainingParts, device: torch.device, accum_steps
 
 
 class TimedBatches:
-    """Iterates a loader, adding up in ``waited`` the host time spent waiting for its batches."""
+    """Iterates a loader (loader_batches), adding up in ``waited`` the host time spent waiting for its batches."""
 
     def __init__(self, loader):
         self.loader, self.waited = loader, 0.0
 
     def __iter__(self):
-        iterator = iter(self.loader)
+        iterator = loader_batches(self.loader)
         while True:
             start = time.perf_counter()
             try:
@@ -275,6 +276,25 @@ class TimedBatches:
             finally:
                 self.waited += time.perf_counter() - start
             yield batch
+
+
+def loader_batches(loader):
+    """The batches of ``loader``; a worker that died, or delivered nothing within the loader's timeout, ends the
+    run with one line instead of torch's traceback (or, without a timeout, a wait that never ends)."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            if 'DataLoader timed out' not in str(error) and 'DataLoader worker' not in str(error):
+                raise
+            end_worker_processes()  # a hung worker ignores the SIGTERM that torch's shutdown would wait on
+            raise LoaderFailed(f'{one_line(error)}: a data loader worker died or hung (its own error, if it printed '
+                               f'one, is above; in a container, a /dev/shm too small for the batches hangs them)') \
+                from None
+        yield batch
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -330,8 +350,9 @@ def evaluation_sums(model: torch.nn.Module, loader, device: torch.device, amp_dt
     model.eval()
     sums = torch.zeros(9, dtype=torch.float64, device=device)  # loss, top1, top5, n, unreadable, 4 logit stats
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, targets in tqdm(loader, desc='validate', unit='batch', leave=False, file=sys.stderr,
-                                disable=None if progress else True, mininterval=1.0):
+    batches = tqdm(loader_batches(loader), total=len(loader), desc='validate', unit='batch', leave=False,
+                   file=sys.stderr, disable=None if progress else True, mininterval=1.0)
+    for images, targets in batches:
         images, targets = to_device(images, targets, device, channels_last)
         with autocast:
             logits = model(images)

@@ -22,6 +22,11 @@ class UsageError(RunError):
     exit_code = EXIT_USAGE
 
 
+class LoaderFailed(RunError):
+    """A data loader worker died, or delivered no batch within --loader-timeout seconds: a restart may succeed."""
+    exit_code = 1
+
+
 class TrainingDiverged(RunError):
     """Too many consecutive steps with a non-finite loss or gradient."""
     exit_code = 3

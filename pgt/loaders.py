@@ -9,6 +9,9 @@ batch on a CUDA stream where there is a GPU).
 """
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,10 @@ from timm.data.loader import PrefetchLoader
 from .data import ShardedSampler, torch_train_loader, torch_val_loader
 from .errors import UsageError
 from .folders import check_same_classes
+
+log = logging.getLogger(__name__)
+SHARED_MEMORY = '/dev/shm'
+PREFETCH_FACTOR = 2  # DataLoader's default: batches in flight per worker
 
 
 @dataclass
@@ -60,6 +67,34 @@ class SyntheticLoader:
             yield self.images, self.targets
 
 
+def cap_workers(args) -> None:
+    """At most as many workers as CPUs this process may use (its affinity, which a batch system sets): more only
+    compete for them, and a large --workers under a process limit fails to fork. Says so when it caps."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if args.workers > available:
+        log.warning('--workers %d is more than the %d CPU(s) this process may use: %d workers', args.workers,
+                    available, available)
+        args.workers = available
+
+
+def check_shared_memory(args, val_img_size: int) -> None:
+    """The torch backend's workers hand their batches over in shared memory (/dev/shm): up to two batches per
+    worker at a time. When the batches of every rank of this node cannot fit there (a container's default is 64 MB),
+    the workers fail to allocate it and the run would wait for their batches forever: refuse it now, saying what to
+    change."""
+    if args.workers == 0 or not os.path.isdir(SHARED_MEMORY):
+        return
+    image = 3 * max(args.img_size, val_img_size) ** 2  # uint8 CHW
+    ranks = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    needed = ranks * args.workers * PREFETCH_FACTOR * args.batch_size * (image + 8)
+    free = shutil.disk_usage(SHARED_MEMORY).free
+    if needed > free:
+        raise UsageError(f'{SHARED_MEMORY} has {free / 2**20:.1f} MiB free, and {ranks} rank(s) x {args.workers} '
+                         f'loader workers x {PREFETCH_FACTOR} batches of {args.batch_size} images need about '
+                         f'{needed / 2**20:.1f} MiB there; give the container more (docker run --shm-size=8g, or '
+                         f'--ipc=host), or lower --workers (0 needs none) or --batch-size')
+
+
 def _backend(args):
     """The backend module's (train loader, val loader) builders for --data-backend."""
     if args.data_backend != 'dali':
@@ -73,6 +108,9 @@ def _backend(args):
 
 def build_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
     """The evaluation loader alone (validate.py), every image once over the ranks: (device loader, class names)."""
+    cap_workers(args)
+    if args.data_backend != 'dali':
+        check_shared_memory(args, args.val_img_size)
     loader, classes, _, _ = _backend(args)[1](args, rank, world_size, device, split)
     return device_loader(loader, args, device), classes
 
@@ -85,6 +123,9 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loa
         val = SyntheticLoader(args.batch_size, args.img_size, classes, max(1, args.synthetic_steps // 10), device)
         return Loaders(train, val, [f'class_{i}' for i in range(classes)], len(train) * args.batch_size,
                        len(val) * args.batch_size)
+    cap_workers(args)
+    if args.data_backend != 'dali':
+        check_shared_memory(args, args.val_img_size or args.img_size)
     train_builder, val_builder = _backend(args)
     train, classes, images, dataset = train_builder(args, rank, world_size, device)
     val, val_classes, val_images, _ = val_builder(args, rank, world_size, device)

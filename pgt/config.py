@@ -32,9 +32,9 @@ RUN_CONTROL_KEYS = ('config', 'resume', 'overwrite', 'dry_run', 'debug', 'output
 # Options that may differ between the jobs of one run without changing what it trains. The per-GPU batch may change
 # with the number of GPUs (--global-batch-size): the global batch is compared instead (pgt.config.config_changes).
 OPERATIONAL_KEYS = ('workers', 'loader_timeout', 'log_interval', 'recovery_interval', 'checkpoint_interval',
-                    'max_skipped_steps', 'strict_data', 'data_backend', 'dali_device', 'torchcompile', 'diagnostics',
-                    'diagnostics_interval', 'diagnostics_mask', 'diagnostics_layers', 'paper', 'grid', 'batch_size',
-                    'grad_accum_steps', 'global_batch_size', 'signal_check_interval')
+                    'max_skipped_steps', 'strict_data', 'max_image_pixels', 'data_backend', 'dali_device',
+                    'torchcompile', 'diagnostics', 'diagnostics_interval', 'diagnostics_mask', 'diagnostics_layers',
+                    'paper', 'grid', 'batch_size', 'grad_accum_steps', 'global_batch_size', 'signal_check_interval')
 
 
 def _bool_flag(group, name, help):
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--color-jitter', type=float, default=0.4, help='timm default 0.4; the papers used none (0)')
     _bool_flag(g, '--strict-data', 'stop at an unreadable training image instead of replacing it')
+    g.add_argument('--max-image-pixels', type=int, default=89_478_485, metavar='PIXELS',
+                   help='an image with more pixels is unreadable (a decompression bomb); PIL itself refuses more than '
+                        "twice its limit, 179 million, whatever this says")
     g.add_argument('--synthetic-steps', type=int, default=100, metavar='N',
                    help='batches per epoch of the synthetic backend')
 
@@ -355,7 +358,7 @@ FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)
 INT_MINIMA = {'batch_size': 1, 'grad_accum_steps': 1, 'epochs': 1, 'log_interval': 1, 'max_skipped_steps': 1,
               'img_size': 1, 'val_img_size': 1, 'synthetic_steps': 1, 'lr_base_size': 1, 'signal_check_interval': 1,
               'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1, 'workers': 0, 'seed': 0,
-              'loader_timeout': 1,
+              'loader_timeout': 1, 'max_image_pixels': 1,
               'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0, 'recovery_interval': 0,
               'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0, 'diagnostics_layers': 0}
 

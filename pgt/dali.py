@@ -27,10 +27,12 @@ import torch
 from PIL import Image
 
 from .errors import DataError, UsageError
-from .folders import check_split, scan_image_folder
+from .folders import SplitLoader, check_class_folders, check_split, samples_digest, scan_image_folder
 
 log = logging.getLogger(__name__)
 
+PREFETCH = 2  # batches the pipeline runs ahead (prefetch_queue_depth)
+SEARCH_LIMIT = 20_000  # files decoded with PIL to name the one DALI stopped on: about a minute on 16 threads
 INSTALL_HINT = ('pip install -r requirements-dali.txt (nvidia-dali-cuda130 for CUDA 13, nvidia-dali-cuda120 for '
                 'CUDA 12)')
 
@@ -45,17 +47,20 @@ def _import_dali():
     return fn, pipeline_def, types, DALIClassificationIterator, LastBatchPolicy
 
 
-def image_list(data_dir, split: str) -> tuple[list[str], list[int], list[str]]:
-    """Files, labels and class names exactly as the torch backend assigns them (pgt.folders.scan_image_folder)."""
-    classes, samples = scan_image_folder(check_split(data_dir, split))
+def image_list(data_dir, split: str, strict: bool = False) -> tuple[list[str], list[int], list[str], str]:
+    """Files, labels and class names exactly as the torch backend assigns them (pgt.folders.scan_image_folder), and
+    the digest of that list."""
+    split_dir = check_split(data_dir, split)
+    classes, samples = scan_image_folder(split_dir)
+    check_class_folders(split_dir, classes, samples, strict)
     files, labels = zip(*samples) if samples else ((), ())
-    return list(files), list(labels), classes
+    return list(files), list(labels), classes, samples_digest(split_dir, samples)
 
 
 def first_undecodable(files: list[str]) -> tuple[str, str] | None:
-    """The first of ``files`` that PIL cannot decode, with the reason. DALI stops the whole pipeline on a file it
-    cannot decode without naming it, so after such a stop the files are decoded again here (threads: PIL releases
-    the GIL while decoding) to tell the user which one it was."""
+    """The first of ``files`` that PIL cannot decode, with the reason. DALI stops the whole pipeline on a file its
+    decoder cannot read without naming it, so after such a stop the likely files are decoded again here (threads:
+    PIL releases the GIL while decoding) to tell the user which one it was."""
     def problem(path):
         try:
             with Image.open(path) as image:
@@ -71,17 +76,35 @@ def first_undecodable(files: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def decoding_error(error: Exception, files: list[str]) -> DataError:
-    """One line for a DALI pipeline that stopped on an image: the file, found with PIL, and what to do."""
-    dali_reason = re.search(r'encountered:\s*(.+)', str(error))
-    dali_reason = dali_reason.group(1).strip() if dali_reason else ' '.join(str(error).split())[:200]
-    log.warning('DALI stopped (%s); decoding the files with PIL to find the culprit', dali_reason)
-    found = first_undecodable(files)
+def is_data_error(error: Exception) -> bool:
+    """Whether a DALI pipeline stopped on a file: its reader or decoder failed, and not for want of memory (which
+    is no fault of the data, and keeps its own message and traceback)."""
+    text = str(error)
+    return bool(re.search(r'operator `nvidia\.dali\.fn\.(readers|decoders)\.', text)) and 'out of memory' not in text
+
+
+def decoding_error(error: Exception, candidates: list[str]) -> DataError:
+    """One line for a DALI pipeline that stopped on a file: the file (named by DALI, or found with PIL among the
+    ``candidates``, the likeliest first and at most SEARCH_LIMIT of them), and what to do."""
+    text = str(error)
+    dali_reason = re.search(r'encountered:\s*(.+)', text)
+    dali_reason = dali_reason.group(1).strip() if dali_reason else ' '.join(text.split())[:200]
+    named = next((path for path in candidates if path in text), None)
+    if named is not None:
+        found = (named, dali_reason)
+    else:
+        log.warning('DALI stopped (%s); decoding the likely files with PIL to find the culprit', dali_reason)
+        found = first_undecodable(candidates[:SEARCH_LIMIT])
     if found is None:
-        return DataError(f'DALI could not decode an image ({dali_reason}), although PIL decodes every file; '
-                         f'use --data-backend torch')
+        return DataError(f'DALI could not read an image ({dali_reason}), and PIL decodes the '
+                         f'{min(len(candidates), SEARCH_LIMIT)} likeliest files; use --data-backend torch')
     return DataError(f'cannot read image {found[0]}: {found[1]} (DALI: {dali_reason}); remove or replace it, or '
                      f'use --data-backend torch, which replaces unreadable training images')
+
+
+def shard(files: list[str], rank: int, world_size: int) -> list[str]:
+    """The files of DALI's reader shard ``rank`` (contiguous, as its file reader splits them), in its order."""
+    return files[len(files) * rank // world_size:len(files) * (rank + 1) // world_size]
 
 
 def pad_to_multiple(files: list, labels: list, world_size: int) -> tuple[list, list]:
@@ -127,7 +150,7 @@ def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, g
     # exec_dynamic=False: the iterator then copies each output into a tensor torch owns. With the dynamic executor
     # it hands out views of DALI's buffers, which a pipeline that stops on a bad image frees under them (a crash).
     pipe = pipeline(batch_size=args.batch_size, num_threads=threads, device_id=device_id,
-                    seed=args.seed * 1000 + shard_id, prefetch_queue_depth=2, exec_dynamic=False)
+                    seed=args.seed * 1000 + shard_id, prefetch_queue_depth=PREFETCH, exec_dynamic=False)
     pipe.build()
     return pipe
 
@@ -146,15 +169,35 @@ class EpochStart:
 
 class DaliLoader:
     """A DALI pipeline behind the interface train.py expects of a loader: ``len``, ``sampler.set_epoch`` and
-    (uint8 images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank."""
+    (uint8 images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank.
+    ``files``, the rank's shard in the reader's order, tells where to look when the pipeline stops on a file: the
+    batch it was reading (and the ones it prefetched) first. (The reader reshuffles after every epoch, so from the
+    second epoch on that is a guess, and the search goes on through the shard.)"""
 
-    def __init__(self, pipe, training: bool, steps: int | None, files: list[str]):
+    def __init__(self, pipe, training: bool, steps: int | None, files: list[str], batch_size: int):
         *_, iterator_cls, policy = _import_dali()
-        self.iterator = iterator_cls(pipe, reader_name='Reader', auto_reset=True,
-                                     last_batch_policy=policy.DROP if training else policy.PARTIAL)
+        self.files, self.batch_size = files, batch_size
+        # The iterator runs the pipeline for its first batches already, and a file DALI cannot read there can crash
+        # the process inside DALI (a segmentation fault, seen with its CPU decoder) instead of raising: those batches
+        # are decoded with PIL first, which names the file.
+        found = first_undecodable(files[:(PREFETCH + 1) * batch_size])
+        if found is not None:
+            raise DataError(f'cannot read image {found[0]}: {found[1]}; remove or replace it, or use --data-backend '
+                            f'torch, which replaces unreadable training images')
+        try:
+            self.iterator = iterator_cls(pipe, reader_name='Reader', auto_reset=True,
+                                         last_batch_policy=policy.DROP if training else policy.PARTIAL)
+        except RuntimeError as error:
+            if not is_data_error(error):
+                raise
+            raise decoding_error(error, self._likely_files(0)) from None
         self.steps = steps if steps is not None else len(self.iterator)
-        self.files = files
         self.sampler = EpochStart()
+
+    def _likely_files(self, batch: int) -> list[str]:
+        start = batch * self.batch_size
+        ahead = start + (PREFETCH + 1) * self.batch_size
+        return self.files[start:ahead] + self.files[ahead:] + self.files[:start]
 
     def __len__(self):
         return self.steps - self.sampler.skip
@@ -163,17 +206,17 @@ class DaliLoader:
         # DALI restarts an epoch only after the last one ended: batches past ``steps``, and those a consumer leaves
         # (taking one probe batch, a benchmark stopping early), are drained rather than left for the next epoch.
         batches = enumerate(self.iterator)
-        drain = True
+        drain, i = True, 0
         try:
             for i, batch in batches:
                 if self.sampler.skip <= i < self.steps:
                     images, labels = batch[0]['data'], batch[0]['label']
                     yield images, labels.squeeze(-1).long()
         except RuntimeError as error:
-            if 'pipeline' not in str(error):
+            if not is_data_error(error):
                 raise
             drain = False  # the pipeline is no longer valid
-            raise decoding_error(error, self.files) from None
+            raise decoding_error(error, self._likely_files(i + 1)) from None
         finally:
             if drain:
                 for _ in batches:
@@ -189,24 +232,24 @@ def _dali_setup(args, device: torch.device):
     return gpu, (device.index if device.type == 'cuda' else None)  # device_id None: DALI's CPU-only mode
 
 
-def dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
-    """The evaluation pipeline, every image once over the ranks: (loader, classes, images, None)."""
+def dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val') -> SplitLoader:
+    """The evaluation pipeline, every image once over the ranks."""
     gpu, device_id = _dali_setup(args, device)
-    files, labels, classes = image_list(args.data_dir, split)
+    files, labels, classes, digest = image_list(args.data_dir, split, getattr(args, 'strict_data', False))
     loader = DaliLoader(_build_pipeline(False, files, labels, args, rank, world_size, gpu, device_id),
-                        training=False, steps=None, files=files)
-    return loader, classes, len(files), None
+                        training=False, steps=None, files=shard(files, rank, world_size), batch_size=args.batch_size)
+    return SplitLoader(loader, classes, len(files), digest)
 
 
-def dali_train_loader(args, rank: int, world_size: int, device: torch.device):
-    """The training pipeline, the same number of full batches on every rank: (loader, classes, images, None)."""
+def dali_train_loader(args, rank: int, world_size: int, device: torch.device) -> SplitLoader:
+    """The training pipeline, the same number of full batches on every rank."""
     gpu, device_id = _dali_setup(args, device)
-    files, labels, classes = image_list(args.data_dir, 'train')
+    files, labels, classes, digest = image_list(args.data_dir, 'train', getattr(args, 'strict_data', False))
     images = len(files)
     files, labels = pad_to_multiple(*seeded_order(files, labels, args.seed), world_size)
     steps = len(files) // world_size // args.batch_size
     if steps == 0:  # no full batch: pgt.loaders refuses the run, and a pipeline would only be built to be dropped
-        return [], classes, images, None
+        return SplitLoader([], classes, images, digest)
     loader = DaliLoader(_build_pipeline(True, files, labels, args, rank, world_size, gpu, device_id),
-                        training=True, steps=steps, files=files)
-    return loader, classes, images, None
+                        training=True, steps=steps, files=shard(files, rank, world_size), batch_size=args.batch_size)
+    return SplitLoader(loader, classes, images, digest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from pathlib import Path
 
@@ -27,26 +28,34 @@ from torchvision.datasets import CIFAR10, ImageFolder
 
 from .distributed import barrier
 from .errors import DataError, UsageError
-from .folders import check_split, scan_image_folder
+from .folders import SplitLoader, check_class_folders, check_split, samples_digest, scan_image_folder
 from .preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
-_MAX_WORKER_SLOTS = 256
+MAX_REPLACEMENTS = 16  # unreadable training images in a row before the run stops
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's limit (89 million pixels, 2^28 / 3 bytes)
 
 
 class ImageFolderWithRecovery(ImageFolder):
     """ImageFolder that survives unreadable files and does not follow links into other classes.
 
-    Training (``replace=True``) logs the path and returns the next readable sample instead; validation
-    (``replace=False``) returns a zero image with target -1 so that the evaluation counts it and leaves it out.
-    ``strict=True`` raises DataError naming the file. ``unreadable_count()`` totals the files met so far over all
-    worker processes (one shared-memory slot per worker, so that no two processes write the same number).
+    An image is unreadable when PIL cannot decode it, or when it has more pixels than ``max_pixels`` (a
+    decompression bomb: a small file that decodes to gigabytes). Training (``replace=True``) logs the path and
+    returns the next readable sample instead, trying at most MAX_REPLACEMENTS in a row: more means the data are
+    going away under the run (a directory renamed, a filesystem unmounted), which stops it with one line, as does a
+    root folder that is gone. Validation (``replace=False``) returns a zero image with target -1 so that the
+    evaluation counts it and leaves it out. ``strict=True`` raises DataError naming the file.
+
+    ``unreadable_count()`` is the number of distinct images found unreadable since ``reset_unreadable()``, over all
+    worker processes: one byte per image in shared memory, so that an image met as its own sample and again as a
+    neighbour's replacement counts once.
     """
 
-    def __init__(self, root, transform, replace: bool, strict: bool, image_size: int):
+    def __init__(self, root, transform, replace: bool, strict: bool, image_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__(str(root), transform=transform, allow_empty=True)
-        self.replace, self.strict, self.image_size = replace, strict, image_size
-        self._unreadable = torch.zeros(_MAX_WORKER_SLOTS + 1, dtype=torch.int64).share_memory_()
+        self.replace, self.strict, self.image_size, self.max_pixels = replace, strict, image_size, max_pixels
+        self._unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """ImageFolder's hook for the file scan (called by its constructor): ``scan_image_folder``."""
@@ -55,32 +64,40 @@ class ImageFolderWithRecovery(ImageFolder):
     def unreadable_count(self) -> int:
         return int(self._unreadable.sum())
 
-    def _count_unreadable(self):
-        info = torch.utils.data.get_worker_info()
-        self._unreadable[0 if info is None else 1 + info.id % _MAX_WORKER_SLOTS] += 1
+    def reset_unreadable(self) -> None:
+        self._unreadable.zero_()
 
     def _load(self, index):
         path, target = self.samples[index]
         try:
             with Image.open(path) as image:
+                if image.width * image.height > self.max_pixels:
+                    raise DataError(f'cannot read image {path}: {image.width}x{image.height} pixels, over '
+                                    f'--max-image-pixels {self.max_pixels} (a decompression bomb?)')
                 image.load()  # decoded while the file is open; convert() would copy an RGB image
                 image = image if image.mode == 'RGB' else image.convert('RGB')
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise DataError(f'cannot read image {path}: {" ".join(str(error).split())}') from None
         return (self.transform(image) if self.transform else image), target
 
     def __getitem__(self, index):
-        for attempt in range(len(self.samples)):
+        last = None
+        for attempt in range(min(MAX_REPLACEMENTS, len(self.samples))):
+            candidate = (index + attempt) % len(self.samples)
             try:
-                return self._load((index + attempt) % len(self.samples))
+                return self._load(candidate)
             except DataError as error:
                 if self.strict:
                     raise
-                self._count_unreadable()
+                if not os.path.isdir(self.root):
+                    raise DataError(f'{self.root}: the data folder is gone ({error})') from None
+                self._unreadable[candidate] = 1
                 log.warning('%s; %s', error, 'using the next image' if self.replace else 'left out of the metrics')
                 if not self.replace:
                     return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1
-        raise DataError(f'{self.root}: no readable image')
+                last = error
+        raise DataError(f'{self.root}: {MAX_REPLACEMENTS} images in a row are unreadable, the last: {last}; are the '
+                        f'data still where the run started?')
 
 
 class SeededSamples(Dataset):
@@ -172,9 +189,12 @@ def build_transform(args, training: bool):
 
 def build_dataset(args, split: str) -> ImageFolderWithRecovery:
     training = split == 'train'
-    return ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
-                                   replace=training, strict=args.strict_data,
-                                   image_size=args.img_size if training else args.val_img_size or args.img_size)
+    dataset = ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
+                                      replace=training, strict=args.strict_data,
+                                      image_size=args.img_size if training else args.val_img_size or args.img_size,
+                                      max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS))
+    check_class_folders(dataset.root, dataset.classes, dataset.samples, args.strict_data)
+    return dataset
 
 
 class FolderCIFAR10(CIFAR10):
@@ -236,19 +256,25 @@ def _counting(dataset):
     return dataset if isinstance(dataset, ImageFolderWithRecovery) else None
 
 
-def torch_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
-    """The evaluation loader, every image once over the ranks: (loader, classes, images, counting dataset)."""
+def _split_loader(loader: DataLoader, dataset) -> SplitLoader:
+    folder = _counting(dataset)
+    digest = samples_digest(folder.root, folder.samples) if folder is not None else None
+    return SplitLoader(loader, list(dataset.classes), len(dataset), digest, folder)
+
+
+def torch_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val') -> SplitLoader:
+    """The evaluation loader, every image once over the ranks."""
     dataset = _split_dataset(args, split, rank)
     loader = DataLoader(dataset, batch_size=args.batch_size, **_loader_options(args, device),
                         sampler=ShardedSampler(len(dataset), rank, world_size, shuffle=False, pad=False))
-    return loader, list(dataset.classes), len(dataset), _counting(dataset)
+    return _split_loader(loader, dataset)
 
 
-def torch_train_loader(args, rank: int, world_size: int, device: torch.device):
-    """The training loader, resumable at any batch: (loader, classes, images, counting dataset)."""
+def torch_train_loader(args, rank: int, world_size: int, device: torch.device) -> SplitLoader:
+    """The training loader, resumable at any batch."""
     dataset = _split_dataset(args, 'train', rank)
     sampler = ShardedSampler(len(dataset), rank, world_size, shuffle=True, seed=args.seed, pad=True,
                              batch_size=args.batch_size, seed_samples=True)
     loader = DataLoader(SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         **_loader_options(args, device))
-    return loader, list(dataset.classes), len(dataset), _counting(dataset)
+    return _split_loader(loader, dataset)

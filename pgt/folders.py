@@ -1,9 +1,13 @@
 """ImageNet-layout folders (<split>/<class>/<image>): the checks of a split, the scan that lists its images in
-torchvision ImageFolder's order and labels, and the comparison of two class lists. Shared by every input backend."""
+torchvision ImageFolder's order and labels, the digest that identifies such a list, and the comparison of two class
+lists. Shared by every input backend, and what they hand pgt.loaders (SplitLoader)."""
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -83,3 +87,40 @@ def check_same_classes(found: list[str], expected: list[str], where: str, expect
         example = f'e.g. {", ".join(different[:3])}' if different else 'the same names in another order'
         raise UsageError(f'{where}: class folders differ from those of {expected_from} ({len(found)} vs '
                          f'{len(expected)} classes; {example})')
+
+
+def check_class_folders(split_dir: str | os.PathLike, classes: list[str], samples: list[tuple[str, int]],
+                        strict: bool) -> None:
+    """A class folder without images is a class the model learns with no example (train/) or is never evaluated on
+    (val/, whose top-1 then averages over fewer classes than the model has): a warning; with --strict-data an error
+    for val/."""
+    counts = collections.Counter(label for _, label in samples)
+    empty = [name for label, name in enumerate(classes) if not counts[label]]
+    if not empty:
+        return
+    text = (f'{split_dir}: {len(empty)} class folder(s) without images: {", ".join(empty[:5])}'
+            f'{", ..." if len(empty) > 5 else ""}')
+    if strict and Path(split_dir).name == 'val':
+        raise UsageError(f'{text} (--strict-data)')
+    log.warning(text)
+
+
+def samples_digest(split_dir: str | os.PathLike, samples: list[tuple[str, int]]) -> str:
+    """sha256 of a split's list of images (paths relative to the split folder) and labels, in order: what a run's
+    checkpoints record, so that a resume can tell whether the tree changed under the run."""
+    digest = hashlib.sha256()
+    root = os.fspath(split_dir)
+    for path, label in samples:
+        digest.update(f'{os.path.relpath(path, root)}\t{label}\n'.encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class SplitLoader:
+    """What an input backend hands pgt.loaders for one split."""
+    loader: object  # yields (uint8 NCHW images, int64 targets) batches
+    classes: list[str]
+    images: int  # in the whole split, over all ranks
+    digest: str | None = None  # samples_digest of the split's list
+    counting: object = None  # the torch backend's dataset, which counts unreadable images
+

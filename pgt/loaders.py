@@ -1,6 +1,7 @@
 """The one face of the input backends: train.py, validate.py and the tools ask here for loaders, and this module picks
 the backend (``--data-backend``): torch (pgt.data: DataLoader workers), dali (pgt.dali: NVIDIA DALI pipelines) or
-synthetic (one random device batch, for measuring the step alone).
+synthetic (one random device batch, for measuring the step alone). A backend hands a pgt.folders.SplitLoader per
+split.
 
 Every loader built here yields device batches: images normalised in float32 (NCHW; the training loop makes them
 channels-last where asked, after normalising), int64 targets. The backends hand uint8 batches; ``device_loader``
@@ -34,6 +35,7 @@ class Loaders:
     train_images: int = 0  # in the whole split, over all ranks
     val_images: int = 0
     train_dataset: object = None  # the torch backend's, which counts unreadable images
+    train_digest: str | None = None  # of the list of training images (pgt.folders.samples_digest)
 
     @property
     def num_classes(self) -> int:
@@ -111,8 +113,8 @@ def build_val_loader(args, rank: int, world_size: int, device: torch.device, spl
     cap_workers(args)
     if args.data_backend != 'dali':
         check_shared_memory(args, args.val_img_size)
-    loader, classes, _, _ = _backend(args)[1](args, rank, world_size, device, split)
-    return device_loader(loader, args, device), classes
+    split_loader = _backend(args)[1](args, rank, world_size, device, split)
+    return device_loader(split_loader.loader, args, device), split_loader.classes
 
 
 def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
@@ -127,11 +129,11 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loa
     if args.data_backend != 'dali':
         check_shared_memory(args, args.val_img_size or args.img_size)
     train_builder, val_builder = _backend(args)
-    train, classes, images, dataset = train_builder(args, rank, world_size, device)
-    val, val_classes, val_images, _ = val_builder(args, rank, world_size, device)
-    check_same_classes(val_classes, classes, f'{args.data_dir}/val', 'train/')
-    if len(train) == 0:
-        raise UsageError(f'{args.data_dir}/train: {images} images give no full batch of {args.batch_size} per rank '
-                         f'over {world_size} rank(s)')
-    return Loaders(device_loader(train, args, device), device_loader(val, args, device), classes, images, val_images,
-                   dataset)
+    train = train_builder(args, rank, world_size, device)
+    val = val_builder(args, rank, world_size, device)
+    check_same_classes(val.classes, train.classes, f'{args.data_dir}/val', 'train/')
+    if len(train.loader) == 0:
+        raise UsageError(f'{args.data_dir}/train: {train.images} images give no full batch of {args.batch_size} per '
+                         f'rank over {world_size} rank(s)')
+    return Loaders(device_loader(train.loader, args, device), device_loader(val.loader, args, device), train.classes,
+                   train.images, val.images, train.counting, train.digest)

@@ -29,7 +29,7 @@ from timm.data import Mixup
 from timm.layers import convert_sync_batchnorm
 
 from . import __version__
-from .checkpoint import check_run_dir, find_resume_checkpoint, load_checkpoint, prepare_run_dir
+from .checkpoint import check_run_dir, find_resume_checkpoint, load_checkpoint, prepare_run_dir, resume_position
 from .config import (config_changes, finalize_args, ignored_options_warning, parse_config, resolve_device_settings,
                      resolved_config, save_config)
 from .diagnostics import Diagnostics, series_layers
@@ -90,7 +90,7 @@ def train(args, env: DistEnv, run_dir: Path, lock: RunLock, given: tuple[Path, d
     args.num_classes = args.num_classes or loaders.num_classes
     resume = given or find_auto_resume(args, run_dir)
     if resume is not None:
-        check_resumable(resume, args, loaders.classes, env.world_size)
+        check_resumable(resume, args, loaders, env.world_size)
         log.info('resuming from %s', resume[0])
 
     # ---- model, optimizer, schedule, and the state they continue from
@@ -104,7 +104,8 @@ def train(args, env: DistEnv, run_dir: Path, lock: RunLock, given: tuple[Path, d
     scheduler, num_epochs = build_scheduler(optimizer, args, steps_per_epoch)
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp else None
     state = TrainState(run_dir, model, optimizer, make_scaler(env.device, amp_dtype), SkipStreak.zeros(env.device),
-                       env, resolved_config(args, provenance=False), loaders.classes, steps_per_epoch)
+                       env, resolved_config(args, provenance=False), loaders.classes, steps_per_epoch,
+                       {'train_images': loaders.train_images, 'train_digest': loaders.train_digest})
     start_epoch, start_step, meters = state.restore(*resume) if resume else (0, 0, None)
 
     # ---- the run directory: created (and locked, if it is new) only now that nothing above refused the run
@@ -238,14 +239,15 @@ def train_epoch(run: Training, epoch: int, skip: int, meters: EpochMeters | None
     run.parts.loss_fn.alpha = alpha
     run.loaders.train.sampler.set_epoch(epoch, skip * args.grad_accum_steps)
     run.runlog.start_epoch(epoch, run.num_epochs, run.steps_per_epoch, skip)
-    unreadable_before = dataset.unreadable_count() if dataset is not None else 0
+    if dataset is not None:
+        dataset.reset_unreadable()
     metrics = train_one_epoch(run.parts, run.loaders.train, run.env.device, args.grad_accum_steps, skip, meters,
                               run.state.streak, AfterStep(run, epoch))
     if metrics['skipped_steps'] >= run.steps_per_epoch:
         raise TrainingDiverged(f'every step of epoch {epoch} had a non-finite loss or gradient, so the model did '
                                f'not change; {run.state.newest_line()}')
     if dataset is not None:
-        unreadable = torch.tensor([dataset.unreadable_count() - unreadable_before], device=run.env.device)
+        unreadable = torch.tensor([dataset.unreadable_count()], device=run.env.device)
         metrics['unreadable'] = int(all_reduce_sum(unreadable).item())
     return metrics
 
@@ -310,20 +312,36 @@ def end_epoch(run: Training, epoch: int, train_metrics: dict, eval_metrics: dict
 
 # ---- checks
 
-def check_resumable(resume: tuple[Path, dict], args, classes: list[str], world_size: int) -> None:
+def check_resumable(resume: tuple[Path, dict], args, loaders: Loaders, world_size: int) -> None:
     """A checkpoint continues this run only if it was written by the same model, on the same classes, under the
-    same configuration (unless --allow-config-change): otherwise two runs would be mixed in one."""
+    same configuration (unless --allow-config-change): otherwise two runs would be mixed in one. Within an epoch it
+    also needs the same list of training images: the epoch's order is a permutation of that list."""
     path, state = resume
     if state.get('arch') != args.model:
         raise UsageError(f'{path} holds a {state.get("arch")} checkpoint; this run builds a {args.model}')
     if 'classes' in state:
-        check_same_classes(classes, state['classes'], f'{args.data_dir}/train', f'the checkpoint {path}')
+        check_same_classes(loaders.classes, state['classes'], f'{args.data_dir}/train', f'the checkpoint {path}')
+    check_same_images(path, state, loaders)
     changes = config_changes(state['args'], resolved_config(args, provenance=False), state['world_size'], world_size)
     if changes and not args.allow_config_change:
         raise UsageError(f'{path} was written under another configuration ({"; ".join(changes[:4])}); pass '
                          f'--allow-config-change to continue it anyway, or --output elsewhere for a new run')
     if changes:
         log.warning('continuing %s under a changed configuration: %s', path, '; '.join(changes))
+
+
+def check_same_images(path: Path, state: dict, loaders: Loaders) -> None:
+    """The training images of the checkpoint's run and of this one: a changed list refuses a resume within an epoch
+    (its remaining batches would be drawn from another permutation), and is a warning at an epoch's end."""
+    recorded = state.get('data') or {}
+    if not (recorded.get('train_digest') and loaders.train_digest) or recorded['train_digest'] == loaders.train_digest:
+        return
+    epoch, step = resume_position(state)
+    change = f'{recorded["train_images"]} images then, {loaders.train_images} now'
+    if step:
+        raise UsageError(f'{path} was written within epoch {epoch} on another list of training images ({change}); '
+                         f'restore the images, or move {path.name} away to continue from the end of the epoch before')
+    log.warning('the training images changed since %s (%s): the run continues on the new list', path, change)
 
 
 def cli() -> None:

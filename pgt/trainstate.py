@@ -24,9 +24,10 @@ from .optim import load_optimizer_state
 class TrainState:
     def __init__(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, streak: SkipStreak, env, run_config: dict, classes: list[str],
-                 epoch_steps: int):
+                 epoch_steps: int, data: dict):
         self.run_dir, self.model, self.optimizer, self.scaler, self.streak = run_dir, model, optimizer, scaler, streak
         self.env, self.run_config, self.classes, self.epoch_steps = env, run_config, classes, epoch_steps
+        self.data = data  # the training images it trains on: {'train_images': N, 'train_digest': sha256 or None}
         self.best = {'top1': -1.0, 'epoch': -1}
         self.newest: str | None = None  # 'PATH (end of epoch E)' of the newest checkpoint, for messages
 
@@ -52,7 +53,7 @@ class TrainState:
         return {'state_dict': self.model.state_dict(), 'arch': self.run_config['model'],
                 'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(), 'epoch': epoch,
                 'step': step, 'epoch_steps': self.epoch_steps, 'version': CHECKPOINT_VERSION,
-                'best': dict(self.best), 'skip_streak': self.streak.state_dict(), 'ranks': ranks,
+                'best': dict(self.best), 'skip_streak': self.streak.state_dict(), 'ranks': ranks, 'data': self.data,
                 'world_size': self.env.world_size, 'args': self.run_config,
                 'num_classes': self.run_config['num_classes'], 'classes': self.classes}
 

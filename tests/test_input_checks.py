@@ -86,7 +86,7 @@ def test_links_are_not_followed_into_other_classes(linked_tree, caplog):
     assert 'other.JPEG' in caplog.text and '(a loop)' in caplog.text
     dataset = ImageFolderWithRecovery(split, None, replace=True, strict=False, image_size=32)
     assert dataset.samples == samples
-    files, labels, dali_classes = image_list(linked_tree, 'train')
+    files, labels, dali_classes, _ = image_list(linked_tree, 'train')
     assert list(zip(files, labels)) == samples and dali_classes == classes
 
 

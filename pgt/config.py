@@ -302,9 +302,13 @@ def resolved_config(args: argparse.Namespace, provenance: bool = True) -> dict:
 
 def config_changes(saved: dict, current: dict, saved_world_size: int, world_size: int) -> list[str]:
     """What would make a resumed run train something other than the run it continues: every option outside
-    OPERATIONAL_KEYS, and the global batch. Returns 'name: old -> new' entries."""
+    OPERATIONAL_KEYS (and --amp-dtype when neither run uses --amp), and the global batch. Returns 'name: old -> new'
+    entries."""
+    ignored = set(OPERATIONAL_KEYS)
+    if not saved.get('amp') and not current.get('amp'):
+        ignored.add('amp_dtype')  # resolved from 'auto' by the device, and unused without --amp
     changes = [f'{key}: {saved.get(key)} -> {current.get(key)}' for key in sorted(set(saved) | set(current))
-               if key not in OPERATIONAL_KEYS and saved.get(key) != current.get(key)]
+               if key not in ignored and saved.get(key) != current.get(key)]
 
     def global_batch(config, ranks):
         return config.get('batch_size', 0) * config.get('grad_accum_steps', 1) * ranks

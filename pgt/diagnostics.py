@@ -28,9 +28,9 @@ over all parameters, optionally through a fixed random mask (Sec. 1.6). Metrics,
   ``model.parameters()`` lists them, from 0. For ResNet-18 that is conv1 = 0, ..., layer3.0.conv2 = 11 (Fig. 5a),
   ..., layer4.1.conv2 = 19, the last convolution (Fig. 5b), and the classifier = 20.
 
-The probe batch is the first validation batch (fixed and deterministic). Probes run on the unwrapped model with the
-training RNG forked, buffers (batch-norm statistics) and train/eval mode restored, and gradients cleared, so the
-training trajectory is the same with diagnostics on or off. With SyncBatchNorm (--sync-bn) they run on a copy of
+The probe batch is the first PROBE_IMAGES images of the first validation batch (fixed and deterministic). Probes
+run on the unwrapped model with the training RNG forked, buffers (batch-norm statistics) and train/eval mode
+restored, and gradients cleared, so the training trajectory is the same with diagnostics on or off. With SyncBatchNorm (--sync-bn) they run on a copy of
 the model with plain batch norm, refreshed from the training weights before each probe: a train-mode forward of
 SyncBatchNorm is a collective, which rank 0 alone would wait in forever.
 """
@@ -50,6 +50,12 @@ from .engine import LOGIT_STAT_NAMES, logit_statistic_sums
 from .errors import UsageError
 from .transform import power_grad_cross_entropy
 
+# The probes run in float32 on at most this many images of the first validation batch. A train-mode micro-batch keeps
+# its activations for the backward: about 133 MB per 224 px image for ResNet-50 and 198 MB for ResNet-101 (the sum
+# of every layer's float32 output, counted with forward hooks). At a recipe's 256 images per GPU, micro-batches of 64
+# would add 8.5 GB (ResNet-50) to 12.7 GB (ResNet-101) to rank 0 beside training: more than a 16 GB V100 has left.
+# At 32 images, 4 micro-batches of 8 and 8 per-example gradients, the probes add about 3 GB for ResNet-101.
+PROBE_IMAGES = 32
 ZERO_FILTER_EPS = 1e-5  # a live filter has norm of order 1 at He initialisation; weight decay drives dead ones to 0
 COLUMNS = ('epoch', 'step', 'loss', *LOGIT_STAT_NAMES, 'step_consistency', 'gradient_diversity', 'gradient_confusion',
            'gradient_coherence', 'zeroed_filters', 'dead_pooled_features')
@@ -208,7 +214,7 @@ class Diagnostics:
         # read values back to the host and cannot run under vmap.
         self.loss_fn = lambda logits, y: power_grad_cross_entropy(logits, y, train_loss.alpha, train_loss.smoothing,
                                                                   check_targets=False)
-        self.images, self.targets = probe
+        self.images, self.targets = probe[0][:PROBE_IMAGES], probe[1][:PROBE_IMAGES]
         self.micro_batches, self.coherence_examples = micro_batches, coherence_examples
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.mask = GradientMask(self.params, mask_fraction) if mask_fraction else None

@@ -8,6 +8,7 @@ over a good checkpoint; a failure there stops every rank (pgt.distributed.run_on
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from .engine import EpochMeters, SkipStreak
 from .errors import TrainingDiverged
 from .models import load_model_state
 from .optim import load_optimizer_state
+
+log = logging.getLogger(__name__)
 
 
 class TrainState:
@@ -37,7 +40,11 @@ class TrainState:
         load_model_state(self.model, state['state_dict'], path, self.run_config['model'],
                          self.run_config['num_classes'])
         load_optimizer_state(self.optimizer, state['optimizer'])
-        self.scaler.load_state_dict(state['scaler'])
+        if scaler_kind(state['args']) == scaler_kind(self.run_config):
+            self.scaler.load_state_dict(state['scaler'])
+        else:  # --allow-config-change across precisions: a bfloat16 scaler (scale 1) would underflow float16
+            log.warning('%s was trained with a %s gradient scaler; this run uses a %s one, which starts afresh',
+                        path, scaler_kind(state['args']), scaler_kind(self.run_config))
         self.streak.load_state_dict(state['skip_streak'])
         self.best = dict(state['best'])
         epoch, step = resume_position(state)
@@ -83,6 +90,12 @@ class TrainState:
 
     def newest_line(self) -> str:
         return f'the newest checkpoint is {self.newest}' if self.newest else 'no checkpoint had been written'
+
+
+def scaler_kind(config: dict) -> str:
+    """'float16' (dynamic loss scaling) or 'fixed' (scale 1: bfloat16 and float32), as pgt.engine.make_scaler makes
+    them for a run's configuration."""
+    return 'float16' if config.get('amp') and config.get('amp_dtype') == 'float16' else 'fixed'
 
 
 def require_finite(model_state: dict, epoch: int, step: int, newest_line: str) -> None:

@@ -1,10 +1,8 @@
 """Data that changes under a run, as a cluster's storage delivers it: a decompression bomb (a real 20000x20000 PNG),
 the data directory renamed mid-run, unreadable images counted once each, a class folder without images, a training
 set that grew before a mid-epoch resume, and an image DALI cannot read in the first validation batch."""
-import os
 import re
 import shutil
-import signal
 import struct
 import zlib
 

@@ -50,7 +50,8 @@ def test_a_directory_that_another_job_began_while_this_one_started_is_refused(tm
 @pytest.mark.slow
 def test_two_jobs_started_in_the_same_second_without_output_get_their_own_directories(tiny_data, tmp_path):
     jobs = [subprocess.Popen([sys.executable, str(ROOT / 'train.py'), '--config', str(TINY), '--data-dir',
-                              str(tiny_data), '--epochs', '2', '--cooldown-epochs', '0', '--seed', seed, '--workers', '0'],
+                              str(tiny_data), '--epochs', '2', '--cooldown-epochs', '0', '--seed', seed, '--workers',
+                              '0'],
                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, 'OMP_NUM_THREADS': '1'})  # two processes on the cores
             for seed in ('1', '2')]

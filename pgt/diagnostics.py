@@ -30,9 +30,9 @@ over all parameters, optionally through a fixed random mask (Sec. 1.6). Metrics,
 
 The probe batch is the first PROBE_IMAGES images of the first validation batch (fixed and deterministic). Probes
 run on the unwrapped model with the training RNG forked, buffers (batch-norm statistics) and train/eval mode
-restored, and gradients cleared, so the training trajectory is the same with diagnostics on or off. With SyncBatchNorm (--sync-bn) they run on a copy of
-the model with plain batch norm, refreshed from the training weights before each probe: a train-mode forward of
-SyncBatchNorm is a collective, which rank 0 alone would wait in forever.
+restored, and gradients cleared, so the training trajectory is the same with diagnostics on or off. With
+SyncBatchNorm (--sync-bn) they run on a copy of the model with plain batch norm, refreshed from the training weights
+before each probe: a train-mode forward of SyncBatchNorm is a collective, which rank 0 alone would wait in forever.
 """
 from __future__ import annotations
 

@@ -102,8 +102,8 @@ def restored_scale(folder: Path, saved: torch.amp.GradScaler, saved_dtype: str, 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint({'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scaler': saved.state_dict(), 'skip_streak': {'current': 0}, 'best': {'top1': 1.0, 'epoch': 0},
-                     'epoch': 0, 'step': 10, 'epoch_steps': 10, 'ranks': [{'rng': rng_state(), 'meters': None}], 'world_size': 1,
-                     'args': {'amp': True, 'amp_dtype': saved_dtype}}, folder / 'last.pth')
+                     'epoch': 0, 'step': 10, 'epoch_steps': 10, 'ranks': [{'rng': rng_state(), 'meters': None}],
+                     'world_size': 1, 'args': {'amp': True, 'amp_dtype': saved_dtype}}, folder / 'last.pth')
     scaler = make_scaler(CPU, getattr(torch, run_dtype))
     state = TrainState(folder, model, optimizer, scaler, SkipStreak.zeros(CPU), SimpleNamespace(rank=0, world_size=1,
                        device=CPU), {'model': 'linear', 'num_classes': 2, 'amp': True, 'amp_dtype': run_dtype}, [], 10,

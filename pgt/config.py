@@ -34,7 +34,8 @@ RUN_CONTROL_KEYS = ('config', 'resume', 'overwrite', 'dry_run', 'debug', 'output
 OPERATIONAL_KEYS = ('workers', 'loader_timeout', 'log_interval', 'recovery_interval', 'checkpoint_interval',
                     'max_skipped_steps', 'strict_data', 'max_image_pixels', 'data_backend', 'dali_device',
                     'torchcompile', 'diagnostics', 'diagnostics_interval', 'diagnostics_mask', 'diagnostics_layers',
-                    'paper', 'grid', 'batch_size', 'grad_accum_steps', 'global_batch_size', 'signal_check_interval')
+                    'paper', 'grid', 'batch_size', 'grad_accum_steps', 'global_batch_size', 'signal_check_interval',
+                    'deterministic')
 
 
 def _bool_flag(group, name, help):
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arguments of the model's constructor, as timm's option (e.g. zero_init_last=False)")
     _bool_flag(g, '--channels-last', 'NHWC memory layout')
     _bool_flag(g, '--sync-bn', 'synchronise batch-norm statistics across ranks (CUDA only)')
+    _bool_flag(g, '--deterministic', 'deterministic CUDA kernels (slower): a resumed run then equals the uninterrupted '
+                                     'one bit for bit on a GPU too, as it always does on a CPU')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                    help='torch.compile the model (default backend inductor)')
 

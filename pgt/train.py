@@ -61,6 +61,8 @@ def main(argv) -> int:
         print(yaml.safe_dump(resolved_config(args), sort_keys=False), end='')
         return 0
     given = (Path(args.resume), load_checkpoint(args.resume)) if args.resume not in (None, 'auto') else None
+    if args.deterministic:  # cuBLAS reads its workspace setting when the CUDA context is made, in init_distributed
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     env = init_distributed()
     setup_logging(env.is_main)
     log.info('pgt %s (torch %s, timm %s): %s, global batch %d over %d rank(s) on %s; reading %s', __version__,
@@ -97,7 +99,9 @@ def train(args, env: DistEnv, run_dir: Path, lock: RunLock, given: tuple[Path, d
     torch.manual_seed(args.seed + env.rank)
     random.seed(args.seed + env.rank)
     np.random.seed(args.seed + env.rank)
-    torch.backends.cudnn.benchmark = env.device.type == 'cuda'
+    torch.backends.cudnn.benchmark = env.device.type == 'cuda' and not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_model(args, env)
     optimizer = build_optimizer(model, args, env.device)
     steps_per_epoch = math.ceil(len(loaders.train) / args.grad_accum_steps)  # a last, partial update included

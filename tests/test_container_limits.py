@@ -30,9 +30,6 @@ def test_a_dev_shm_too_small_for_the_workers_is_refused_before_anything_is_writt
     assert line.startswith('error: /dev/shm has 0.2 MiB free, and 1 rank(s) x 2 loader workers x 2 batches of 32 '
                            'images need about 0.4 MiB there; give the container more (docker run --shm-size=8g'), line
     assert not (tmp_path / 'run').exists()
-    result = in_namespace(f'mount -t tmpfs -o size=256k pgt-shm /dev/shm && exec {train} --workers 0 --epochs 1 '
-                          f'--cooldown-epochs 0 --pgt-start-epoch 0')
-    assert result.returncode == 0, result.stderr[-3000:]  # workers 0 need no shared memory
 
 
 def test_a_worker_that_hangs_ends_the_run_with_one_line(tiny_data, tmp_path):
@@ -40,10 +37,10 @@ def test_a_worker_that_hangs_ends_the_run_with_one_line(tiny_data, tmp_path):
     subprocess.run(['cp', '-r', str(tiny_data), str(data)], check=True)
     os.mkfifo(data / 'train' / 'n00000003' / 'stuck.JPEG')  # opening it for reading waits for a writer forever
     result = run_main('train.py', *BASE, '--data-dir', data, '--output', tmp_path / 'run', '--workers', 2,
-                      '--loader-timeout', 5)
+                      '--loader-timeout', 2)
     assert result.returncode == 1
     assert one_line_error(result.stderr) == (
-        'error: DataLoader timed out after 5 seconds: a data loader worker died or hung (its own error, if it printed '
+        'error: DataLoader timed out after 2 seconds: a data loader worker died or hung (its own error, if it printed '
         'one, is above; in a container, a /dev/shm too small for the batches hangs them)')
 
 

@@ -102,7 +102,7 @@ def slurm_stand_ins(tmp_path):
     bin_dir, log = tmp_path / 'bin', tmp_path / 'calls'
     bin_dir.mkdir()
     log.mkdir()
-    run = 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"'
+    run = '[ -n "${RECORD_ONLY:-}" ] && exit 0\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"'
     for name, body in (('srun', run), ('scontrol', 'exit 0')):
         (bin_dir / name).write_text(STAND_IN.format(name=name, log=log, run=body))
         (bin_dir / name).chmod(0o755)
@@ -111,7 +111,8 @@ def slurm_stand_ins(tmp_path):
 
 @pytest.mark.slow
 def test_the_array_script_runs_under_stand_ins_for_srun_and_scontrol(tmp_path, slurm_stand_ins):
-    """Two tasks of the array, each running train.py --dry-run through torchrun as the node would."""
+    """Two tasks of the array: the first runs train.py --dry-run through torchrun as the node would, the second's
+    srun only records what it would run (the same path again, for another row)."""
     bin_dir, calls = slurm_stand_ins
     script = tmp_path / 'table2.sbatch'
     runs = tmp_path / 'runs'
@@ -119,12 +120,15 @@ def test_the_array_script_runs_under_stand_ins_for_srun_and_scontrol(tmp_path, s
              '--', '--dry-run', check=True)
     env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_CPUS_PER_TASK': '3',
            'SLURM_ARRAY_JOB_ID': '100'}
+    outputs = []
     for task, job_id in ((0, 101), (1, 102)):
         result = subprocess.run(['bash', str(script)], env={**env, 'SLURM_ARRAY_TASK_ID': str(task),
-                                                            'SLURM_JOB_ID': str(job_id)},
+                                                            'SLURM_JOB_ID': str(job_id),
+                                                            **({'RECORD_ONLY': '1'} if task else {})},
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert 'model: resnet18_nobn' in result.stdout  # train.py ran (--dry-run prints the configuration)
+        outputs.append(result.stdout)
+    assert 'model: resnet18_nobn' in outputs[0]  # train.py ran (--dry-run prints the configuration)
     first, second = ((calls / f'srun-{job}.args').read_text().splitlines() for job in (101, 102))
     assert first[:2] == ['--kill-on-bad-exit=1', '--cpus-per-task=3']
     assert first[2:5] == [sys.executable, '-m', 'pgt.launch']  # torchrun of the environment that wrote the script

@@ -21,9 +21,10 @@ from pgt.runlog import read_summary
 
 @pytest.fixture(scope='module')
 def smoke_run(tiny_data, tmp_path_factory):
-    """The smoke recipe as first_run.sh trains it (ResNet-18, 6 epochs)."""
+    """The smoke recipe's 6 epochs, on timm's test_resnet (tests/tiny.yaml). The smoke recipe itself, ResNet-18, is
+    trained by first_run.sh, which CI runs first, and by the GPU acceptance run (test_cuda.py)."""
     run_dir = tmp_path_factory.mktemp('smoke') / 'run'
-    train_in_process('--config', SMOKE, '--data-dir', tiny_data, '--output', run_dir)
+    train_in_process('--config', TINY, '--data-dir', tiny_data, '--output', run_dir)
     return run_dir
 
 
@@ -68,7 +69,7 @@ def test_validate_reproduces_logged_top1_of_best_epoch(smoke_run, tiny_data):
 
 def test_resolved_config_reproduces_the_run_configuration(smoke_run):
     result = run_main('train.py', '--config', smoke_run / 'config.yaml', '--dry-run', check=True)
-    again = run_main('train.py', '--config', SMOKE, '--dry-run', check=True)
+    again = run_main('train.py', '--config', TINY, '--dry-run', check=True)
     resolved, original = result.stdout.splitlines(), again.stdout.splitlines()
     differing = set(resolved) ^ set(original)
     # Filled in at run time: the classes from the data, --amp-dtype auto once the device is known.
@@ -173,7 +174,7 @@ def test_global_batch_not_divisible_by_world_size(tiny_data, previous_run):
 
 def test_existing_run_is_not_overwritten(smoke_run, tiny_data):
     before = {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()}
-    result = run_main('train.py', '--config', SMOKE, '--data-dir', tiny_data, '--output', smoke_run)
+    result = run_main('train.py', '--config', TINY, '--data-dir', tiny_data, '--output', smoke_run)
     assert_clean_failure(result, 'already holds a run', '--resume auto')
     assert {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()} == before
 
@@ -187,20 +188,20 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_best_checkpoint_loads_weights_only_and_into_timm(smoke_run):
     state = torch.load(smoke_run / 'best.pth', map_location='cpu', weights_only=True)
-    model = timm.create_model('resnet18', num_classes=10, checkpoint_path=str(smoke_run / 'best.pth'))
+    model = timm.create_model('test_resnet', num_classes=10, checkpoint_path=str(smoke_run / 'best.pth'))
     loaded = model.state_dict()
     assert loaded.keys() == state['state_dict'].keys()
     assert all(torch.equal(loaded[k], state['state_dict'][k]) for k in loaded)
-    assert state['arch'] == 'resnet18'
+    assert state['arch'] == 'test_resnet'
 
 
 def timm_checkpoint(smoke_run, out_dir):
     """best.pth's weights saved by timm's own CheckpointSaver, as timm's train.py saves them (model_best.pth.tar,
     with its arguments pickled as an argparse.Namespace)."""
-    model = timm.create_model('resnet18', num_classes=10)
+    model = timm.create_model('test_resnet', num_classes=10)
     model.load_state_dict(torch.load(smoke_run / 'best.pth', weights_only=True)['state_dict'])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(model='resnet18', lr=0.1, epochs=5),
+    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(model='test_resnet', lr=0.1, epochs=5),
                             checkpoint_dir=str(out_dir), recovery_dir=str(out_dir))
     saver.save_checkpoint(epoch=3, metric=50.0)
     return out_dir / 'model_best.pth.tar'
@@ -214,10 +215,10 @@ def test_validate_reads_a_timm_train_checkpoint_with_the_same_top1(smoke_run, ti
     theirs = json.loads(run_main('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
                                  *same_transform, check=True).stdout)
     assert theirs['top1'] == ours['top1'] and theirs['loss'] == pytest.approx(ours['loss'], rel=1e-6)
-    assert (theirs['model'], theirs['epoch'], theirs['step']) == ('resnet18', 3, None)
+    assert (theirs['model'], theirs['epoch'], theirs['step']) == ('test_resnet', 3, None)
     default = json.loads(run_main('validate.py', '--checkpoint', path, '--data-dir', tiny_data, '--json',
                                   check=True).stdout)
-    config = timm.data.resolve_data_config(model=timm.create_model('resnet18'))  # the model's own data config
+    config = timm.data.resolve_data_config(model=timm.create_model('test_resnet'))  # the model's own data config
     assert (default['img_size'], default['crop_pct'], default['interpolation']) == (
         config['input_size'][-1], config['crop_pct'], config['interpolation'])
 
@@ -228,7 +229,7 @@ def test_validate_needs_a_model_name_for_a_bare_state_dict(smoke_run, tiny_data,
     result = run_main('validate.py', '--checkpoint', bare, '--data-dir', tiny_data)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f'error: {bare} does not name its model; pass --model NAME')
-    ok = run_main('validate.py', '--checkpoint', bare, '--model', 'resnet18', '--data-dir', tiny_data, '--json',
+    ok = run_main('validate.py', '--checkpoint', bare, '--model', 'test_resnet', '--data-dir', tiny_data, '--json',
                   '--img-size', 32, check=True)
     assert json.loads(ok.stdout)['images'] == 80
 
@@ -287,7 +288,7 @@ def test_tensorboard_holds_the_hyperparameters_and_final_metrics(smoke_run):
     content = events.PluginTagToContent('hparams')
     session = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/session_start_info'])
     hparams = session.session_start_info.hparams
-    assert hparams['pgt_alpha'].number_value == 0.3 and hparams['model'].string_value == 'resnet18'
+    assert hparams['pgt_alpha'].number_value == 0.3 and hparams['model'].string_value == 'test_resnet'
     assert hparams['lr'].number_value == 0.1
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content['_hparams_/experiment'])
     assert {m.name.tag for m in experiment.experiment.metric_infos} == {
@@ -309,7 +310,7 @@ def test_a_run_refused_by_its_checks_creates_no_directory(tiny_data, tmp_path, m
 def test_val_img_size_changes_only_evaluation(smoke_run, tiny_data):
     from pgt.config import finalize_args, parse_config
     from pgt.loaders import build_loaders
-    args = finalize_args(parse_config(['--config', str(SMOKE), '--data-dir', str(tiny_data), '--val-img-size', '48',
+    args = finalize_args(parse_config(['--config', str(TINY), '--data-dir', str(tiny_data), '--val-img-size', '48',
                                        '--workers', '0']), world_size=1)
     loaders = build_loaders(args, 0, 1, torch.device('cpu'))
     loaders.train.sampler.set_epoch(0)

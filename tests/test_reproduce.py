@@ -138,3 +138,15 @@ def test_the_array_script_runs_under_stand_ins_for_srun_and_scontrol(tmp_path, s
     assert configs[0] != configs[1] and all(c.startswith('configs/paper/nobn-') for c in configs)
     assert not list(calls.glob('scontrol-*'))  # finished normally: no requeue
     assert (runs / 'slurm-logs').is_dir()
+
+
+@pytest.mark.parametrize('code,requeued', [(0, False), (2, False), (3, False), (1, False), (75, True)])
+def test_the_slurm_step_requeues_only_a_run_that_stopped_and_saved(code, requeued, tmp_path, slurm_stand_ins):
+    """Exit 75 (stopped on a signal, recovery checkpoint written) requeues the job; bad input (2) and a diverged run
+    (3) fail the same way every time, and a crash (1) that --max-restarts could not mend is not retried forever."""
+    bin_dir, calls = slurm_stand_ins
+    env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_JOB_ID': '7'}
+    result = subprocess.run(['bash', str(ROOT / 'scripts' / 'slurm_step.sh'), 'bash', '-c', f'exit {code}'], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == code
+    assert (calls / 'scontrol-7.args').exists() == requeued

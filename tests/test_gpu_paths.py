@@ -3,6 +3,7 @@ gloo ranks): a checkpoint of a non-fused optimizer resumed into a fused one, the
 ranks whose batch-norm buffers differ, --amp-dtype on a resume without --amp and across precisions, DALI's failures
 told apart, and the diagnostics probe bounded. tests/test_cuda.py runs them on a GPU."""
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,6 +68,9 @@ def _finite_check_worker(rank, init_file, result_file, poisoned_rank):
         outcome = 'diverged'
     Path(f'{result_file}.{rank}').write_text(outcome)
     dist.destroy_process_group()
+    # Leave at once: gloo's threads were seen to abort the interpreter's teardown under load ("terminate called
+    # without an active exception"), after the result above is written.
+    os._exit(0)
 
 
 @pytest.mark.parametrize('poisoned_rank,outcome', [(1, 'written'), (0, 'diverged')])

@@ -15,23 +15,32 @@ permuted with the run's --seed: each epoch's order then depends on --seed, and i
 padded by repeating its first files until it divides by the world size (as the torch backend's sampler does), so
 every rank gets a shard of the same length and runs the same number of steps. Validation is neither permuted nor
 padded: shards partition the list and the last partial batch is kept, so every image is evaluated exactly once.
+
+The list reaches DALI as a file list (``file_list``, one "path label" line per image, read by DALI itself), written
+from the split's ImageIndex: no Python list of 1.28 million strings is built for it (a path with whitespace, which
+such a file cannot hold, falls back to DALI's ``files`` argument).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .errors import DataError, UsageError
-from .folders import SplitLoader, check_class_folders, check_split, samples_digest, scan_image_folder
+from .folders import ImageIndex, SplitLoader, check_class_folders, check_split, scan_image_folder
 
 log = logging.getLogger(__name__)
 
 PREFETCH = 2  # batches the pipeline runs ahead (prefetch_queue_depth)
+WHITESPACE = np.frombuffer(b' \t\n\r', dtype=np.uint8)  # bytes a file list's "path label" line cannot hold
 SEARCH_LIMIT = 20_000  # files decoded with PIL to name the one DALI stopped on: about a minute on 16 threads
 INSTALL_HINT = ('pip install -r requirements-dali.txt (nvidia-dali-cuda130 for CUDA 13, nvidia-dali-cuda120 for '
                 'CUDA 12)')
@@ -47,14 +56,41 @@ def _import_dali():
     return fn, pipeline_def, types, DALIClassificationIterator, LastBatchPolicy
 
 
-def image_list(data_dir, split: str, strict: bool = False) -> tuple[list[str], list[int], list[str], str]:
-    """Files, labels and class names exactly as the torch backend assigns them (pgt.folders.scan_image_folder), and
-    the digest of that list."""
-    split_dir = check_split(data_dir, split)
-    classes, samples = scan_image_folder(split_dir)
-    check_class_folders(split_dir, classes, samples, strict)
-    files, labels = zip(*samples) if samples else ((), ())
-    return list(files), list(labels), classes, samples_digest(split_dir, samples)
+class FileList:
+    """A split's images in the order DALI's reader is given them: ``order`` indexes the split's ImageIndex (the
+    training list permuted by --seed and padded; the validation list as it is)."""
+
+    def __init__(self, index: ImageIndex, order: np.ndarray):
+        self.index, self.order = index, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        return [self.index.path(int(i)) for i in self.order[start:stop]]
+
+    def reader_arguments(self, folder: str) -> dict:
+        """fn.readers.file's arguments for this list: a file list written into ``folder``, or, for a path with
+        whitespace, the lists themselves."""
+        index = self.index
+        if np.isin(index.paths, WHITESPACE).any():
+            return {'files': self.paths(0, len(self)), 'labels': index.labels[self.order].tolist()}
+        path = os.path.join(folder, 'files.txt')
+        with open(path, 'w') as f:
+            for i in self.order.tolist():
+                f.write(f'{index.relative_path(i)} {index.labels[i]}\n')
+        return {'file_root': index.root, 'file_list': path}
+
+    def shard(self, rank: int, world_size: int) -> tuple[int, int]:
+        """The [start, stop) of DALI's reader shard ``rank`` (contiguous, as its file reader splits the list)."""
+        return len(self) * rank // world_size, len(self) * (rank + 1) // world_size
+
+
+def split_index(args, split: str) -> ImageIndex:
+    """The split's images exactly as the torch backend lists and labels them (pgt.folders.scan_image_folder)."""
+    index = scan_image_folder(check_split(args.data_dir, split))
+    check_class_folders(index, getattr(args, 'strict_data', False))
+    return index
 
 
 def first_undecodable(files: list[str]) -> tuple[str, str] | None:
@@ -102,30 +138,22 @@ def decoding_error(error: Exception, candidates: list[str]) -> DataError:
                      f'use --data-backend torch, which replaces unreadable training images')
 
 
-def shard(files: list[str], rank: int, world_size: int) -> list[str]:
-    """The files of DALI's reader shard ``rank`` (contiguous, as its file reader splits them), in its order."""
-    return files[len(files) * rank // world_size:len(files) * (rank + 1) // world_size]
+def training_order(size: int, seed: int, world_size: int) -> np.ndarray:
+    """The training list's order: permuted by --seed (see the module docstring), then padded by repeating its start
+    until it divides by the world size."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.concatenate([order, order[:math.ceil(size / world_size) * world_size - size]])
 
 
-def pad_to_multiple(files: list, labels: list, world_size: int) -> tuple[list, list]:
-    total = math.ceil(len(files) / world_size) * world_size
-    extra = total - len(files)
-    return files + files[:extra], labels + labels[:extra]
-
-
-def seeded_order(files: list, labels: list, seed: int) -> tuple[list, list]:
-    """The file list permuted by --seed (see the module docstring)."""
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [files[i] for i in order], [labels[i] for i in order]
-
-
-def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, gpu: bool, device_id):
+def _build_pipeline(training: bool, files: FileList, args, shard_id, num_shards, gpu: bool, device_id):
     fn, pipeline_def, types, _, _ = _import_dali()
     decoder_device = 'mixed' if gpu else 'cpu'
+    folder = tempfile.mkdtemp(prefix='pgt-dali-')
+    source = files.reader_arguments(folder)
 
     @pipeline_def
     def pipeline():
-        jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+        jpegs, label = fn.readers.file(**source, shard_id=shard_id, num_shards=num_shards,
                                        shuffle_after_epoch=training, seed=args.seed, pad_last_batch=True,
                                        name='Reader')
         size = args.img_size if training else getattr(args, 'val_img_size', None) or args.img_size
@@ -151,7 +179,10 @@ def _build_pipeline(training: bool, files, labels, args, shard_id, num_shards, g
     # it hands out views of DALI's buffers, which a pipeline that stops on a bad image frees under them (a crash).
     pipe = pipeline(batch_size=args.batch_size, num_threads=threads, device_id=device_id,
                     seed=args.seed * 1000 + shard_id, prefetch_queue_depth=PREFETCH, exec_dynamic=False)
-    pipe.build()
+    try:
+        pipe.build()  # the reader reads its file list here
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return pipe
 
 
@@ -170,17 +201,18 @@ class EpochStart:
 class DaliLoader:
     """A DALI pipeline behind the interface train.py expects of a loader: ``len``, ``sampler.set_epoch`` and
     (uint8 images NCHW, int64 labels) batches. Training yields the same number of full batches on every rank.
-    ``files``, the rank's shard in the reader's order, tells where to look when the pipeline stops on a file: the
-    batch it was reading (and the ones it prefetched) first. (The reader reshuffles after every epoch, so from the
-    second epoch on that is a guess, and the search goes on through the shard.)"""
+    ``files`` and ``shard``, the rank's part of the list in the reader's order, tell where to look when the pipeline
+    stops on a file: the batch it was reading (and the ones it prefetched) first. (The reader reshuffles after every
+    epoch, so from the second epoch on that is a guess, and the search goes on through the shard.)"""
 
-    def __init__(self, pipe, training: bool, steps: int | None, files: list[str], batch_size: int):
+    def __init__(self, pipe, training: bool, steps: int | None, files: FileList, shard: tuple[int, int],
+                 batch_size: int):
         *_, iterator_cls, policy = _import_dali()
-        self.files, self.batch_size = files, batch_size
+        self.files, self.shard, self.batch_size = files, shard, batch_size
         # The iterator runs the pipeline for its first batches already, and a file DALI cannot read there can crash
         # the process inside DALI (a segmentation fault, seen with its CPU decoder) instead of raising: those batches
         # are decoded with PIL first, which names the file.
-        found = first_undecodable(files[:(PREFETCH + 1) * batch_size])
+        found = first_undecodable(self._likely_files(0)[:(PREFETCH + 1) * batch_size])
         if found is not None:
             raise DataError(f'cannot read image {found[0]}: {found[1]}; remove or replace it, or use --data-backend '
                             f'torch, which replaces unreadable training images')
@@ -195,9 +227,11 @@ class DaliLoader:
         self.sampler = EpochStart()
 
     def _likely_files(self, batch: int) -> list[str]:
-        start = batch * self.batch_size
-        ahead = start + (PREFETCH + 1) * self.batch_size
-        return self.files[start:ahead] + self.files[ahead:] + self.files[:start]
+        """The shard's files from the batch ``batch`` on, then the ones before it: at most SEARCH_LIMIT."""
+        first, last = self.shard
+        start = min(first + batch * self.batch_size, last)
+        after = self.files.paths(start, min(last, start + SEARCH_LIMIT))
+        return after + self.files.paths(first, min(start, first + SEARCH_LIMIT - len(after)))
 
     def __len__(self):
         return self.steps - self.sampler.skip
@@ -232,24 +266,26 @@ def _dali_setup(args, device: torch.device):
     return gpu, (device.index if device.type == 'cuda' else None)  # device_id None: DALI's CPU-only mode
 
 
-def dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val') -> SplitLoader:
+def dali_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val',
+                    index: ImageIndex | None = None) -> SplitLoader:
     """The evaluation pipeline, every image once over the ranks."""
     gpu, device_id = _dali_setup(args, device)
-    files, labels, classes, digest = image_list(args.data_dir, split, getattr(args, 'strict_data', False))
-    loader = DaliLoader(_build_pipeline(False, files, labels, args, rank, world_size, gpu, device_id),
-                        training=False, steps=None, files=shard(files, rank, world_size), batch_size=args.batch_size)
-    return SplitLoader(loader, classes, len(files), digest)
+    index = index if index is not None else split_index(args, split)
+    files = FileList(index, np.arange(len(index)))
+    loader = DaliLoader(_build_pipeline(False, files, args, rank, world_size, gpu, device_id), training=False,
+                        steps=None, files=files, shard=files.shard(rank, world_size), batch_size=args.batch_size)
+    return SplitLoader(loader, index.classes, len(index), index)
 
 
-def dali_train_loader(args, rank: int, world_size: int, device: torch.device) -> SplitLoader:
+def dali_train_loader(args, rank: int, world_size: int, device: torch.device,
+                      index: ImageIndex | None = None) -> SplitLoader:
     """The training pipeline, the same number of full batches on every rank."""
     gpu, device_id = _dali_setup(args, device)
-    files, labels, classes, digest = image_list(args.data_dir, 'train', getattr(args, 'strict_data', False))
-    images = len(files)
-    files, labels = pad_to_multiple(*seeded_order(files, labels, args.seed), world_size)
+    index = index if index is not None else split_index(args, 'train')
+    files = FileList(index, training_order(len(index), args.seed, world_size))
     steps = len(files) // world_size // args.batch_size
     if steps == 0:  # no full batch: pgt.loaders refuses the run, and a pipeline would only be built to be dropped
-        return SplitLoader([], classes, images, digest)
-    loader = DaliLoader(_build_pipeline(True, files, labels, args, rank, world_size, gpu, device_id),
-                        training=True, steps=steps, files=shard(files, rank, world_size), batch_size=args.batch_size)
-    return SplitLoader(loader, classes, images, digest)
+        return SplitLoader([], index.classes, len(index), index)
+    loader = DaliLoader(_build_pipeline(True, files, args, rank, world_size, gpu, device_id), training=True,
+                        steps=steps, files=files, shard=files.shard(rank, world_size), batch_size=args.batch_size)
+    return SplitLoader(loader, index.classes, len(index), index)

@@ -24,11 +24,11 @@ from timm.data import create_transform
 from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
-from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.datasets import CIFAR10
 
 from .distributed import barrier
 from .errors import DataError, UsageError
-from .folders import SplitLoader, check_class_folders, check_split, samples_digest, scan_image_folder
+from .folders import ImageIndex, SplitLoader, check_class_folders, check_split, scan_image_folder
 from .preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ MAX_REPLACEMENTS = 16  # unreadable training images in a row before the run stop
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's limit (89 million pixels, 2^28 / 3 bytes)
 
 
-class ImageFolderWithRecovery(ImageFolder):
-    """ImageFolder that survives unreadable files and does not follow links into other classes.
+class ImageFolderWithRecovery(Dataset):
+    """The images of a pgt.folders.ImageIndex (torchvision ImageFolder's files, order and labels, held as arrays
+    that forked workers share without copying), surviving unreadable files.
 
     An image is unreadable when PIL cannot decode it, or when it has more pixels than ``max_pixels`` (a
     decompression bomb: a small file that decodes to gigabytes). Training (``replace=True``) logs the path and
@@ -51,15 +52,16 @@ class ImageFolderWithRecovery(ImageFolder):
     neighbour's replacement counts once.
     """
 
-    def __init__(self, root, transform, replace: bool, strict: bool, image_size: int,
+    def __init__(self, index: ImageIndex, transform, replace: bool, strict: bool, image_size: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        super().__init__(str(root), transform=transform, allow_empty=True)
+        self.index, self.root, self.classes = index, index.root, index.classes
+        self.class_to_idx = {name: label for label, name in enumerate(index.classes)}
+        self.transform = transform
         self.replace, self.strict, self.image_size, self.max_pixels = replace, strict, image_size, max_pixels
-        self._unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._unreadable = torch.zeros(len(index), dtype=torch.uint8).share_memory_()
 
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """ImageFolder's hook for the file scan (called by its constructor): ``scan_image_folder``."""
-        return scan_image_folder(directory)[1]  # the same sorted class folders as ImageFolder's class_to_idx
+    def __len__(self) -> int:
+        return len(self.index)
 
     def unreadable_count(self) -> int:
         return int(self._unreadable.sum())
@@ -67,8 +69,8 @@ class ImageFolderWithRecovery(ImageFolder):
     def reset_unreadable(self) -> None:
         self._unreadable.zero_()
 
-    def _load(self, index):
-        path, target = self.samples[index]
+    def _load(self, i: int):
+        path, target = self.index.path(i), int(self.index.labels[i])
         try:
             with Image.open(path) as image:
                 if image.width * image.height > self.max_pixels:
@@ -80,10 +82,10 @@ class ImageFolderWithRecovery(ImageFolder):
             raise DataError(f'cannot read image {path}: {" ".join(str(error).split())}') from None
         return (self.transform(image) if self.transform else image), target
 
-    def __getitem__(self, index):
+    def __getitem__(self, i: int):
         last = None
-        for attempt in range(min(MAX_REPLACEMENTS, len(self.samples))):
-            candidate = (index + attempt) % len(self.samples)
+        for attempt in range(min(MAX_REPLACEMENTS, len(self))):
+            candidate = (i + attempt) % len(self)
             try:
                 return self._load(candidate)
             except DataError as error:
@@ -187,14 +189,15 @@ def build_transform(args, training: bool):
                             crop_pct=args.crop_pct, use_prefetcher=True)
 
 
-def build_dataset(args, split: str) -> ImageFolderWithRecovery:
+def build_dataset(args, split: str, index: ImageIndex | None = None) -> ImageFolderWithRecovery:
+    """The split's dataset over ``index`` (pgt.loaders shares one scan among the ranks and restarts), or over a
+    scan of its own."""
     training = split == 'train'
-    dataset = ImageFolderWithRecovery(check_split(args.data_dir, split), build_transform(args, training),
-                                      replace=training, strict=args.strict_data,
-                                      image_size=args.img_size if training else args.val_img_size or args.img_size,
-                                      max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS))
-    check_class_folders(dataset.root, dataset.classes, dataset.samples, args.strict_data)
-    return dataset
+    index = index if index is not None else scan_image_folder(check_split(args.data_dir, split))
+    check_class_folders(index, args.strict_data)
+    return ImageFolderWithRecovery(index, build_transform(args, training), replace=training, strict=args.strict_data,
+                                   image_size=args.img_size if training else args.val_img_size or args.img_size,
+                                   max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS))
 
 
 class FolderCIFAR10(CIFAR10):
@@ -245,10 +248,10 @@ def _loader_options(args, device: torch.device) -> dict:
                 collate_fn=fast_collate, timeout=getattr(args, 'loader_timeout', 300) if args.workers > 0 else 0)
 
 
-def _split_dataset(args, split: str, rank: int):
+def _split_dataset(args, split: str, rank: int, index: ImageIndex | None):
     if getattr(args, 'dataset', None) == 'cifar10':
         return build_cifar_dataset(args, split, rank)
-    return build_dataset(args, split)
+    return build_dataset(args, split, index)
 
 
 def _counting(dataset):
@@ -258,21 +261,23 @@ def _counting(dataset):
 
 def _split_loader(loader: DataLoader, dataset) -> SplitLoader:
     folder = _counting(dataset)
-    digest = samples_digest(folder.root, folder.samples) if folder is not None else None
-    return SplitLoader(loader, list(dataset.classes), len(dataset), digest, folder)
+    return SplitLoader(loader, list(dataset.classes), len(dataset), folder.index if folder is not None else None,
+                       folder)
 
 
-def torch_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val') -> SplitLoader:
+def torch_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val',
+                     index: ImageIndex | None = None) -> SplitLoader:
     """The evaluation loader, every image once over the ranks."""
-    dataset = _split_dataset(args, split, rank)
+    dataset = _split_dataset(args, split, rank, index)
     loader = DataLoader(dataset, batch_size=args.batch_size, **_loader_options(args, device),
                         sampler=ShardedSampler(len(dataset), rank, world_size, shuffle=False, pad=False))
     return _split_loader(loader, dataset)
 
 
-def torch_train_loader(args, rank: int, world_size: int, device: torch.device) -> SplitLoader:
+def torch_train_loader(args, rank: int, world_size: int, device: torch.device,
+                       index: ImageIndex | None = None) -> SplitLoader:
     """The training loader, resumable at any batch."""
-    dataset = _split_dataset(args, 'train', rank)
+    dataset = _split_dataset(args, 'train', rank, index)
     sampler = ShardedSampler(len(dataset), rank, world_size, shuffle=True, seed=args.seed, pad=True,
                              batch_size=args.batch_size, seed_samples=True)
     loader = DataLoader(SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,

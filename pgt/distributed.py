@@ -98,6 +98,24 @@ def run_on_main(fn, is_main: bool) -> None:
         raise error
 
 
+def computed_on_main(fn, is_main: bool):
+    """``fn()`` run on rank 0 alone and its result handed to every rank (a RunError raised on every rank): work
+    that every rank needs the same result of, done once (the scan of a data tree). Without a process group each
+    caller is on its own and runs ``fn`` itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except RunError as caught:
+            error = caught
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

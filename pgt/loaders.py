@@ -13,14 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from timm.data.loader import PrefetchLoader
 
+from .checkpoint import CheckpointWriteError, write_atomic
 from .data import ShardedSampler, torch_train_loader, torch_val_loader
+from .distributed import computed_on_main
 from .errors import UsageError
-from .folders import check_same_classes
+from .folders import ImageIndex, check_same_classes, check_split, scan_image_folder
 
 log = logging.getLogger(__name__)
 SHARED_MEMORY = '/dev/shm'
@@ -35,7 +39,12 @@ class Loaders:
     train_images: int = 0  # in the whole split, over all ranks
     val_images: int = 0
     train_dataset: object = None  # the torch backend's, which counts unreadable images
-    train_digest: str | None = None  # of the list of training images (pgt.folders.samples_digest)
+    indexes: dict[str, ImageIndex] = field(default_factory=dict)  # the splits' images (ImageNet-layout folders)
+    scanned: tuple[str, ...] = ()  # the splits whose index is a new scan, to be saved in the run directory
+
+    @property
+    def train_digest(self) -> str | None:
+        return self.indexes['train'].digest() if 'train' in self.indexes else None
 
     @property
     def num_classes(self) -> int:
@@ -108,17 +117,63 @@ def _backend(args):
     return dali_train_loader, dali_val_loader
 
 
+def _index(args, split: str, saved: Path | None) -> tuple[ImageIndex, bool]:
+    """(the split's index, whether it is a new scan): the one saved in the run directory while the folders it was
+    made from have not changed, else a scan."""
+    split_dir = check_split(args.data_dir, split)
+    if saved is not None and saved.is_file():
+        try:
+            index = ImageIndex.load(saved)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # damaged: scanned again
+            log.warning('%s cannot be read (%s); scanning %s again', saved, ' '.join(str(error).split())[:120],
+                        split_dir)
+        else:
+            if index.is_current(str(split_dir)):
+                log.info('%s: %d images listed by %s (its folders unchanged since)', split_dir, len(index), saved)
+                return index, False
+            log.info('%s changed since %s was saved: scanning it again', split_dir, saved)
+    log.info('scanning %s', split_dir)
+    return scan_image_folder(split_dir), True
+
+
+def split_indexes(args, splits: tuple[str, ...], is_main: bool, index_dir: Path | None = None) -> dict:
+    """{split: (ImageIndex, new scan?)} for ImageNet-layout folders: rank 0 reads the indexes saved in
+    ``index_dir`` (a restart's run directory) that are still current, scans the others, and hands them to every
+    rank: one scan per run and split, not one per rank and restart."""
+    if getattr(args, 'dataset', 'imagefolder') != 'imagefolder':
+        return {}
+    return computed_on_main(lambda: {split: _index(args, split, index_dir / f'{split}.npz' if index_dir else None)
+                                     for split in splits}, is_main)
+
+
+def save_indexes(loaders: Loaders, index_dir: Path) -> None:
+    """The newly scanned indexes into the run directory, for the restarts (rank 0). They only save a restart its
+    scan, so a failed write (a full disk) is a warning: the checkpoints are what must not fail, and they say so
+    themselves. A killed write leaves a temporary file, removed here."""
+    try:
+        index_dir.mkdir(exist_ok=True)
+        for orphan in index_dir.glob('.*.tmp'):
+            orphan.unlink(missing_ok=True)
+        for split, index in loaders.indexes.items():
+            if split in loaders.scanned or not (index_dir / f'{split}.npz').is_file():
+                write_atomic(index_dir / f'{split}.npz', index.save())
+    except (OSError, CheckpointWriteError) as error:
+        log.warning('the index of the data could not be saved (%s): a restart will scan the data again', error)
+
+
 def build_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val'):
     """The evaluation loader alone (validate.py), every image once over the ranks: (device loader, class names)."""
     cap_workers(args)
     if args.data_backend != 'dali':
         check_shared_memory(args, args.val_img_size)
-    split_loader = _backend(args)[1](args, rank, world_size, device, split)
+    index = split_indexes(args, (split,), rank == 0).get(split, (None, False))[0]
+    split_loader = _backend(args)[1](args, rank, world_size, device, split, index=index)
     return device_loader(split_loader.loader, args, device), split_loader.classes
 
 
-def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loaders:
-    """The training and evaluation loaders of a run, their class lists checked against each other."""
+def build_loaders(args, rank: int, world_size: int, device: torch.device, index_dir: Path | None = None) -> Loaders:
+    """The training and evaluation loaders of a run, their class lists checked against each other; the splits'
+    indexes from ``index_dir`` where they are still current (split_indexes)."""
     if args.data_backend == 'synthetic':
         classes = args.num_classes or 1000
         train = SyntheticLoader(args.batch_size, args.img_size, classes, args.synthetic_steps, device, args.seed)
@@ -129,11 +184,13 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device) -> Loa
     if args.data_backend != 'dali':
         check_shared_memory(args, args.val_img_size or args.img_size)
     train_builder, val_builder = _backend(args)
-    train = train_builder(args, rank, world_size, device)
-    val = val_builder(args, rank, world_size, device)
+    indexes = split_indexes(args, ('train', 'val'), rank == 0, index_dir)
+    train = train_builder(args, rank, world_size, device, index=indexes.get('train', (None, False))[0])
+    val = val_builder(args, rank, world_size, device, index=indexes.get('val', (None, False))[0])
     check_same_classes(val.classes, train.classes, f'{args.data_dir}/val', 'train/')
     if len(train.loader) == 0:
         raise UsageError(f'{args.data_dir}/train: {train.images} images give no full batch of {args.batch_size} per '
                          f'rank over {world_size} rank(s)')
     return Loaders(device_loader(train.loader, args, device), device_loader(val.loader, args, device), train.classes,
-                   train.images, val.images, train.counting, train.digest)
+                   train.images, val.images, train.counting, {split: index for split, (index, _) in indexes.items()},
+                   tuple(split for split, (_, new) in indexes.items() if new))

@@ -40,27 +40,28 @@ def _cuda_skip(name: str) -> Check | None:
 
 # ---- data
 
-def check_data_tree(args) -> tuple[Check, list[str]]:
-    """Class and image counts of train/ and val/ (the suite's own scan, pgt.data) against ImageNet-1k's; returns the
-    check and the training files."""
+def check_data_tree(args) -> tuple[Check, int, list[str]]:
+    """Class and image counts of train/ and val/ (the suite's own scan, pgt.folders) against ImageNet-1k's; returns
+    the check, the number of training images and 64 of them at random."""
     from .folders import check_split, scan_image_folder
     scans = {split: scan_image_folder(check_split(args.data_dir, split)) for split in ('train', 'val')}
-    counts = {split: (len(classes), len(samples)) for split, (classes, samples) in scans.items()}
+    counts = {split: (len(index.classes), len(index)) for split, index in scans.items()}
     detail = (f'train {counts["train"][0]} classes, {counts["train"][1]:,} images; val {counts["val"][0]} classes, '
               f'{counts["val"][1]:,} images')
-    files = [path for path, _ in scans['train'][1]]
+    index = scans['train']
+    files = [index.path(i) for i in random.Random(0).sample(range(len(index)), min(64, len(index)))]
     if counts['train'][0] != counts['val'][0]:
-        return Check('data: tree', 'fail', f'{detail}: train/ and val/ have different classes'), files
+        return Check('data: tree', 'fail', f'{detail}: train/ and val/ have different classes'), len(index), files
     expected = (IMAGENET['classes'], IMAGENET['train']), (IMAGENET['classes'], IMAGENET['val'])
     if (counts['train'], counts['val']) == expected:
-        return Check('data: tree', 'pass', f'{detail} (ImageNet-1k)'), files
+        return Check('data: tree', 'pass', f'{detail} (ImageNet-1k)'), len(index), files
     return Check('data: tree', 'warn', f'{detail}; ImageNet-1k has 1000 classes, 1,281,167 train and 50,000 val '
-                                       f'images (fine for a subset, not for the papers\' numbers)'), files
+                                       f'images (fine for a subset, not for the papers\' numbers)'), len(index), files
 
 
 def check_decoding(args, files: list[str], sample: int = 64) -> Check:
     """A random sample of training files decoded by the recipe's backend."""
-    chosen = random.Random(0).sample(files, min(sample, len(files)))
+    chosen = files[:sample]
     if args.data_backend == 'dali':
         from .dali import first_undecodable
         bad = first_undecodable(chosen)  # PIL, as DALI's own failure path does; DALI decoding is its own check
@@ -325,10 +326,10 @@ def _measured(name: str, measure, detail: str) -> tuple[Check, float | None]:
 
 def run_checks(args, quick: bool) -> list[Check]:
     device = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
-    tree, files = check_data_tree(args)
+    tree, train_images, files = check_data_tree(args)
     checks = [tree, check_decoding(args, files), check_float16_scaler(), check_bfloat16(), check_fused_sgd(),
               check_channels_last(), check_compile(), check_collectives(), check_dali_gpu(files)]
-    speed, _ = throughput_checks(args, device, quick, len(files))
+    speed, _ = throughput_checks(args, device, quick, train_images)
     return checks + speed
 
 

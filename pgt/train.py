@@ -39,7 +39,7 @@ from .engine import (AMP_DTYPES, BufferGuard, EpochMeters, SkipStreak, StepEvent
 from .errors import Preempted, TrainingDiverged, UsageError, run_cli
 from .folders import check_same_classes
 from .launch import final_failure, report_exit
-from .loaders import Loaders, build_loaders
+from .loaders import Loaders, build_loaders, save_indexes
 from .models import create_model
 from .optim import build_optimizer, build_scheduler, clip_parameters
 from .preemption import PreemptionFlag
@@ -49,6 +49,7 @@ from .trainstate import TrainState
 from .transform import PowerGradCrossEntropy
 
 log = logging.getLogger('pgt')
+INDEX_DIR = 'index'  # <run>/index/<split>.npz: the scans of the data tree that restarts read (pgt.folders.ImageIndex)
 
 
 def main(argv) -> int:
@@ -85,8 +86,8 @@ def train(args, env: DistEnv, run_dir: Path, lock: RunLock, given: tuple[Path, d
           preemption: PreemptionFlag) -> None:
     """The run, once its directory is claimed: data, the checkpoint to continue from, model and optimizer, the run
     directory's files, then the epoch loop."""
-    # ---- data, and the checkpoint to continue from
-    loaders = build_loaders(args, env.rank, env.world_size, env.device)
+    # ---- data (the indexes a restart saved, while the folders are unchanged), and the checkpoint to continue from
+    loaders = build_loaders(args, env.rank, env.world_size, env.device, run_dir / INDEX_DIR)
     log.info('data: %d training and %d validation images in %d classes', loaders.train_images, loaders.val_images,
              loaders.num_classes)
     args.num_classes = args.num_classes or loaders.num_classes
@@ -114,6 +115,7 @@ def train(args, env: DistEnv, run_dir: Path, lock: RunLock, given: tuple[Path, d
 
     # ---- the run directory: created (and locked, if it is new) only now that nothing above refused the run
     run_on_main(functools.partial(prepare_run_dir, run_dir, args.resume, args.overwrite, lock), env.is_main)
+    run_on_main(functools.partial(save_indexes, loaders, run_dir / INDEX_DIR), env.is_main)
     runlog = RunLog(run_dir, env.is_main, start_epoch, hparams=resolved_config(args, provenance=False))
     if env.is_main:
         save_config(args, run_dir / 'config.yaml')

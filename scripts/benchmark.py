@@ -6,6 +6,7 @@
     python scripts/benchmark.py loss --loss-shapes 256x1000 1024x1000 --amp-dtypes float32 bfloat16
     python scripts/benchmark.py loader --data-dir /imagenet --backends torch reference dali-cpu dali-gpu
     python scripts/benchmark.py e2e --generate 160 --against-timm /path/to/timm/train.py
+    python scripts/benchmark.py startup --images 1281167 --workers 4 --tree /tmp/linktree
     python scripts/benchmark.py all --tiny --json out.json        # every mode in seconds on a CPU
 
 `step` times pgt.engine.train_step, the function train.py runs, on synthetic device data: cross-entropy and PGT in
@@ -22,6 +23,10 @@ sizes): this suite's torch backend (uint8 workers, normalised on the device), th
 script at PATH) as whole processes on the same tree and settings, alternating, and prints the ratio of wall times.
 `diagnostics` times one diagnostics probe against the median training step and reports the share of an epoch it
 costs at ``--interval``.
+`startup` builds (or, with ``--tree``, reuses) a tree of ``--images`` hard links to tiny JPEGs and times, alternating,
+the building of the training set's list: the suite's scan, the suite's saved index (read and checked current),
+torchvision's ImageFolder and timm's ImageDataset; then the proportional set size (PSS) of a process tree holding the
+suite's index or ImageFolder's list, alone and with ``--workers`` forked processes that have each read every sample.
 Temporary trees and run folders are removed, whatever happens.
 """
 from __future__ import annotations
@@ -54,12 +59,14 @@ from pgt.runlog import read_summary
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {'float32': None, **AMP_DTYPES}
 TINY = dict(models=['test_resnet'], batch_size=8, img_size=32, steps=4, warmup=2, blocks=2, loader_batches=3,
-            generate=48, loss_shapes=['16x10'], rounds=3, repeats=1)
+            generate=48, loss_shapes=['16x10'], rounds=3, repeats=1, images=2000)
 
 
 def parse_args(argv):
     p = CliParser(description=__doc__)
-    p.add_argument('mode', choices=('step', 'loss', 'loader', 'e2e', 'diagnostics', 'all'))
+    p.add_argument('mode', choices=('step', 'loss', 'loader', 'e2e', 'diagnostics', 'startup', 'all'))
+    p.add_argument('--images', type=int, default=1_281_167, help='startup: training images in the hard-link tree')
+    p.add_argument('--tree', help='startup: where the hard-link tree is built, or reused (default: a temporary one)')
     p.add_argument('--interval', type=int, default=200, help='diagnostics interval for the diagnostics mode')
     p.add_argument('--tiny', action='store_true', help='CPU-sized settings that run every mode in seconds')
     p.add_argument('--models', nargs='+', default=['resnet50', 'resnet18'])
@@ -416,12 +423,136 @@ def bench_against_timm(args, data_dir) -> list[dict]:
     return results
 
 
+# ---- startup: the scan of a training set of ImageNet's size, and what its sample list costs in every worker
+
+def link_tree(root: Path, images: int) -> Path:
+    """An ImageNet-sized tree that costs no disk: train/<class>/ with ``images`` files in all (1,000 classes, fewer
+    for a small tree), hard links to one small valid JPEG per class, its folders dated an hour back as a data set's
+    are (pgt.folders.RACY_NS). Reused when ``root`` already holds one of that size."""
+    from PIL import Image
+    train = root / 'train'
+    classes = min(1000, max(1, images // 20))
+    per_class = [images // classes + (k < images % classes) for k in range(classes)]
+    marker = root / f'.images-{images}'
+    if marker.exists():
+        return train
+    for k, count in enumerate(per_class):
+        folder = train / f'n{k:08d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        source = root / f'.source-{k}.JPEG'
+        Image.new('RGB', (8, 8), (k % 256, 0, 0)).save(source)
+        for i in range(count):
+            target = folder / f'n{k:08d}_{i}.JPEG'
+            if not target.exists():
+                os.link(source, target)
+    then = time.time() - 3600
+    for folder in (train, *train.iterdir()):
+        os.utime(folder, (then, then))
+    marker.touch()
+    return train
+
+
+def _build_listing(kind: str, train: Path, saved: Path | None = None):
+    """The training set's list, as each contender builds it: the suite's scan, the suite's saved index (read and
+    checked current), torchvision's ImageFolder, timm's ImageDataset."""
+    from pgt.folders import ImageIndex, scan_image_folder
+    if kind == 'suite-scan':
+        return scan_image_folder(train)
+    if kind == 'suite-index':
+        index = ImageIndex.load(saved)
+        assert index.is_current(str(train)), 'the saved index is not current'
+        return index
+    if kind == 'torchvision':
+        from torchvision.datasets import ImageFolder
+        return ImageFolder(str(train))
+    import timm.data
+    return timm.data.ImageDataset(str(train))
+
+
+def startup_times(args, train: Path, saved: Path) -> list[dict]:
+    """Seconds to build the training set's list, each contender in turn, ``--repeats`` rounds (alternating, so that
+    the machine's drift hits all alike); the median of each."""
+    kinds = ('suite-scan', 'suite-index', 'torchvision', 'timm')
+    times = {kind: [] for kind in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            start = time.perf_counter()
+            listing = _build_listing(kind, train, saved)
+            times[kind].append(time.perf_counter() - start)
+            del listing
+    scan = statistics.median(times['torchvision'])
+    return [{'mode': 'startup', 'what': kind, 'images': args.images, 'seconds': statistics.median(values),
+             'vs_torchvision': statistics.median(values) / scan, 'runs': values} for kind, values in times.items()]
+
+
+def _pss_of_tree(pid: int) -> int:
+    """Proportional set size (bytes) of a process and its children: shared pages counted once over all sharers."""
+    total = 0
+    for proc in [pid, *map(int, Path(f'/proc/{pid}/task/{pid}/children').read_text().split())]:
+        for line in Path(f'/proc/{proc}/smaps_rollup').read_text().splitlines():
+            if line.startswith('Pss:'):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _read_every_sample(listing, done, release) -> None:
+    """A worker's reading of the list: every path and label once, as a DataLoader worker does over an epoch."""
+    indexed = hasattr(listing, 'path')
+    for i in range(len(listing)):
+        if indexed:
+            listing.path(i), int(listing.labels[i])
+        else:
+            listing.samples[i]  # the (path, label) tuple: reading it writes its reference count
+    done.set()
+    release.wait()
+
+
+def worker_memory(kind: str, train: str, saved: str, workers: int) -> dict:
+    """Run in a process of its own: PSS of it alone after building the list, then of it and ``workers`` forked
+    processes that have each read every sample."""
+    import multiprocessing
+    listing = _build_listing(kind, Path(train), Path(saved))
+    alone = _pss_of_tree(os.getpid())
+    context = multiprocessing.get_context('fork')
+    release, events = context.Event(), [context.Event() for _ in range(workers)]
+    processes = [context.Process(target=_read_every_sample, args=(listing, done, release)) for done in events]
+    for process in processes:
+        process.start()
+    for done in events:
+        done.wait()
+    together = _pss_of_tree(os.getpid())
+    release.set()
+    for process in processes:
+        process.join()
+    return {'pss_alone_mib': alone / 2**20, 'pss_with_workers_mib': together / 2**20,
+            'per_worker_mib': (together - alone) / workers / 2**20}
+
+
+def bench_startup(args) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix='pgt-startup-') as tmp:
+        root = Path(args.tree) if args.tree else Path(tmp)
+        train = link_tree(root, args.images)
+        saved = Path(tmp) / 'train.npz'
+        from pgt.folders import scan_image_folder
+        saved.write_bytes(scan_image_folder(train).save())
+        results = startup_times(args, train, saved)
+        for kind in ('suite-index', 'torchvision'):
+            measured = subprocess.run([sys.executable, __file__, 'startup-memory', kind, str(train), str(saved),
+                                       str(args.workers)], capture_output=True, text=True, check=True)
+            results.append({'mode': 'startup-memory', 'what': kind, 'images': args.images, 'workers': args.workers,
+                            **json.loads(measured.stdout.splitlines()[-1])})
+    return results
+
+
 def print_table(results):
     for row in results:
         print('  '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
 
 
 def main(argv) -> int:
+    if argv[:1] == ['startup-memory']:  # one measurement of bench_startup, in a process of its own
+        print(json.dumps(worker_memory(argv[1], argv[2], argv[3], int(argv[4]))))
+        return 0
     args = parse_args(argv)
     results = []
     if args.mode in ('step', 'all') or (args.mode == 'e2e' and not args.against_timm):
@@ -430,6 +561,8 @@ def main(argv) -> int:
         results += bench_loss(args)
     if args.mode in ('diagnostics', 'all'):
         results += bench_diagnostics(args)
+    if args.mode in ('startup', 'all'):
+        results += bench_startup(args)
     if args.mode in ('loader', 'e2e', 'all'):
         with tempfile.TemporaryDirectory(prefix='pgt-bench-') as tmp:
             data_dir = Path(args.data_dir) if args.data_dir else None

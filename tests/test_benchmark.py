@@ -2,6 +2,8 @@
 import json
 import tempfile
 
+import pytest
+
 from conftest import run_main
 
 
@@ -42,6 +44,15 @@ def test_every_mode_reports_its_fields_and_leaves_nothing_in_the_temporary_direc
     for backend in ('torch', 'synthetic'):
         row = e2e[backend]
         assert row['img_per_sec'] > 0 and row['fraction_of_step'] == row['img_per_sec'] / step['pgt_img_per_sec']
+    startup = {row['what']: row for row in by_mode['startup']}
+    assert set(startup) == {'suite-scan', 'suite-index', 'torchvision', 'timm'}
+    for row in startup.values():
+        assert row['images'] == 2000 and row['seconds'] > 0
+        assert row['vs_torchvision'] == row['seconds'] / startup['torchvision']['seconds']
+    memory = {row['what']: row for row in by_mode['startup-memory']}
+    for row in memory.values():
+        assert row['workers'] == 2 and 0 < row['pss_alone_mib'] < row['pss_with_workers_mib']
+        assert row['per_worker_mib'] == pytest.approx((row['pss_with_workers_mib'] - row['pss_alone_mib']) / 2)
 
 
 def test_timm_like_step(tmp_path):

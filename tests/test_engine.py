@@ -154,7 +154,7 @@ def test_torch_backend_batches_equal_the_float_pipeline(tiny_data, channels_last
     keys = list(ShardedSampler(len(reference_set), shuffle=True, seed=3, batch_size=8, seed_samples=True))[:8]
     reference = torch.stack([SeededSamples(reference_set)[key][0] for key in keys])
     assert (images - reference).abs().max() < 1e-6
-    assert targets.tolist() == [reference_set.samples[i][1] for i, _ in keys]
+    assert targets.tolist() == [int(reference_set.index.labels[i]) for i, _ in keys]
 
 
 def test_validation_batches_equal_the_float_pipeline(tiny_data):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from torchvision.datasets import ImageFolder
@@ -15,7 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from conftest import (BASE, ROOT, TINY, copy_run, file_digests, one_line_error, read_until, run_main, start_training,
                       user_namespaces_work)
-from pgt.dali import image_list
+from pgt.dali import split_index
 from pgt.data import ImageFolderWithRecovery
 from pgt.folders import scan_image_folder
 
@@ -78,16 +79,17 @@ def test_links_are_not_followed_into_other_classes(linked_tree, caplog):
     relabelled = (os.path.join(first, 'other.JPEG'), os.path.join(first, 'other_class') + os.sep)
     assert any(path.startswith(relabelled) for path, _ in torchvision_samples)  # what ImageFolder does
     add_loops(first)
-    found_classes, samples = scan_image_folder(split)
+    index = scan_image_folder(split)
+    found_classes, samples = index.classes, index.samples()
     assert found_classes == classes
     assert sorted(samples) == sorted(reference + [(os.path.join(first, 'from_store.JPEG'), 0)])
     assert samples == [s for s in torchvision_samples if not s[0].startswith(relabelled)]  # ImageFolder's order
     assert '4 symbolic link(s) not followed' in caplog.text
     assert 'other.JPEG' in caplog.text and '(a loop)' in caplog.text
-    dataset = ImageFolderWithRecovery(split, None, replace=True, strict=False, image_size=32)
-    assert dataset.samples == samples
-    files, labels, dali_classes, _ = image_list(linked_tree, 'train')
-    assert list(zip(files, labels)) == samples and dali_classes == classes
+    dataset = ImageFolderWithRecovery(index, None, replace=True, strict=False, image_size=32)
+    assert [dataset[i][1] for i in range(len(dataset))] == [label for _, label in samples]
+    dali_index = split_index(SimpleNamespace(data_dir=linked_tree), 'train')  # the DALI backend's list
+    assert dali_index.samples() == samples and dali_index.classes == classes
 
 
 # ---- a val/ tree whose classes are not the model's

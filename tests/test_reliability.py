@@ -32,6 +32,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(straight_run, tiny_
     result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_dir, '--resume', 'auto',
                       check=True)
     assert 'resuming from' in result.stderr and 'recovery.pth' in result.stderr
+    assert f'images listed by {run_dir}/index/train.npz' in result.stderr  # the restart read the saved index
     assert_same_weights(model_state(run_dir / 'last.pth'), model_state(straight_run / 'last.pth'))
     assert summary_values(run_dir) == summary_values(straight_run)
 

@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cosine: cooldown comes after)')
     g.add_argument('--warmup-epochs', type=int, default=5, help='linear warmup from --warmup-lr')
     g.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of the warmup')
-    _bool_flag(g, '--warmup-prefix', 'cosine: start the decay at the peak at the end of warmup and end it at --epochs '
-                                     '(timm and the published runs overlap warmup and cosine, so the peak is never '
-                                     'reached); the run keeps its length')
+    _bool_flag(g, '--warmup-prefix', "timm's: the warmup comes before the --epochs of the schedule, which then starts "
+                                     'at the peak (without it the warmup overlaps the schedule\'s start); the run is '
+                                     '--warmup-epochs longer')
     g.add_argument('--min-lr', type=float, default=0.0, help='floor of the decay, and the cooldown rate')
     g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at --min-lr after a cosine')
     g.add_argument('--decay-epochs', type=float, default=90.0,
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='multistep: the epochs where the rate drops')
     g.add_argument('--decay-rate', type=float, default=0.1, help='factor of each step or milestone')
     _bool_flag(g, '--sched-on-updates', 'step the schedule every update instead of every epoch')
+    g.add_argument('--schedule-origin', default='timm', choices=('timm', 'fork'),
+                   help="timm: epoch k trains at the schedule's rate for k; fork: as the published code ran it, epoch "
+                        'k >= 1 at the rate for k + 1 (it counts the epoch up before it steps the schedule)')
 
     g = p.add_argument_group('loss')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
@@ -437,12 +440,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise UsageError(f'mixup/cutmix need an even per-GPU batch, got {args.batch_size}')
     if args.clip_mode == 'agc' and args.clip_grad is None:
         raise UsageError('--clip-mode agc needs --clip-grad (the clip factor, e.g. 0.01)')
-    if args.warmup_prefix and args.epochs <= args.warmup_epochs:
-        raise UsageError(f'--warmup-prefix: --epochs {args.epochs} leaves no epoch after the {args.warmup_epochs} '
-                         f'warmup epochs for the cosine')
-    if args.warmup_prefix and args.sched != 'cosine':
-        raise UsageError(f'{_where(args, "warmup_prefix")}: applies to --sched cosine only (the step schedule\'s '
-                         f'milestones count from epoch 0), got --sched {args.sched}')
+    if args.schedule_origin == 'fork' and args.sched_on_updates:
+        raise UsageError(f'{_where(args, "schedule_origin")}: fork steps the schedule once per epoch, as the published '
+                         f'code did; --sched-on-updates steps it every update')
     return args
 
 

@@ -37,24 +37,38 @@ def clip_parameters(model: torch.nn.Module, clip_mode: str) -> list[torch.Tensor
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args, updates_per_epoch: int):
-    """timm's scheduler and the number of epochs it implies (cosine adds --cooldown-epochs after --epochs).
-
-    Stepped once per epoch by default, as the published runs were: ``scheduler.step(epoch)`` at the start of each
-    epoch sets that epoch's rate, so a resumed run follows the same curve. ``--sched-on-updates`` steps every update.
-
-    Without --warmup-prefix the cosine runs over epochs 0 to --epochs and the warmup overlaps its start (timm's
-    default, and the published runs'): the peak is never reached. With it, the cosine starts at the peak at the end of
-    the warmup and still ends at --epochs: timm's ``warmup_prefix`` with ``num_epochs`` reduced by the warmup, since
-    timm would otherwise add the warmup to the run's length.
-    """
-    cosine_epochs = args.epochs - args.warmup_epochs if getattr(args, 'warmup_prefix', False) else args.epochs
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=cosine_epochs, decay_epochs=args.decay_epochs,
+    """timm's scheduler and the number of epochs it implies, exactly as timm's ``create_scheduler_v2`` makes them:
+    a cosine adds --cooldown-epochs after --epochs, and --warmup-prefix puts the warmup before the --epochs of the
+    schedule (the run is longer by the warmup); without it the warmup overlaps the schedule's start, so a cosine
+    never reaches the peak. Stepped once per epoch by default (set_epoch_rate), every update with
+    --sched-on-updates (set_update_rate)."""
+    return create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         warmup_prefix=getattr(args, 'warmup_prefix', False), step_on_epochs=not args.sched_on_updates,
         updates_per_epoch=updates_per_epoch)
-    return scheduler, num_epochs
+
+
+def scheduled_epoch(epoch: int, origin: str = 'timm') -> int:
+    """The point of the schedule whose rate epoch ``epoch`` trains at. timm (``scheduler.step(epoch)`` before the
+    epoch): its own. fork, as the published train.py ran: its scheduler starts at the rate for 0, and after each
+    epoch the loop counts the epoch up and then calls ``lr_scheduler.step(epoch + 1)``, so epoch k >= 1 trains at
+    the rate for k + 1 (warmup 4e-4, 0.160, 0.240, 0.320, 0.397 at epoch 4; step drops at 29, 59, 89). An
+    uninterrupted fork run; its resume (``step(start_epoch)``) would have trained that epoch at its own rate."""
+    return epoch + 1 if origin == 'fork' and epoch > 0 else epoch
+
+
+def set_epoch_rate(scheduler, epoch: int, args) -> None:
+    """The learning rate of epoch ``epoch``, set before it starts (train.py, and anything that must agree)."""
+    if scheduler is not None:
+        scheduler.step(scheduled_epoch(epoch, getattr(args, 'schedule_origin', 'timm')))
+
+
+def set_update_rate(scheduler, update: int, args) -> None:
+    """With --sched-on-updates, the rate of the update after ``update`` updates of the run (timm's step_update)."""
+    if scheduler is not None and args.sched_on_updates:
+        scheduler.step_update(update)
 
 
 def total_epochs(args) -> int:

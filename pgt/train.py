@@ -41,7 +41,7 @@ from .folders import check_same_classes
 from .launch import final_failure, report_exit
 from .loaders import Loaders, build_loaders, save_indexes
 from .models import create_model
-from .optim import build_optimizer, build_scheduler, clip_parameters
+from .optim import build_optimizer, build_scheduler, clip_parameters, set_epoch_rate, set_update_rate
 from .preemption import PreemptionFlag
 from .runlock import RunLock
 from .runlog import RunLog, setup_logging
@@ -239,8 +239,7 @@ def train_epoch(run: Training, epoch: int, skip: int, meters: EpochMeters | None
     """Epoch ``epoch`` from update ``skip`` on (a resumed epoch: with its meters so far): the epoch's learning rate
     and transform, then the steps, each followed by AfterStep. Returns the epoch's training metrics."""
     args, dataset = run.args, run.loaders.train_dataset
-    if run.scheduler is not None:
-        run.scheduler.step(epoch)
+    set_epoch_rate(run.scheduler, epoch, args)
     alpha = args.pgt_alpha if args.pgt_alpha is not None and epoch >= args.pgt_start_epoch else 1.0
     run.parts.loss_fn.alpha = alpha
     run.loaders.train.sampler.set_epoch(epoch, skip * args.grad_accum_steps)
@@ -270,8 +269,7 @@ class AfterStep:
     def __call__(self, event: StepEvent) -> None:
         run, args = self.run, self.run.args
         global_step = self.epoch * run.steps_per_epoch + event.step
-        if args.sched_on_updates and run.scheduler is not None:
-            run.scheduler.step_update(global_step)
+        set_update_rate(run.scheduler, global_step, args)
         scalars = None
         if event.step % args.log_interval == 0 or event.step == event.steps_in_epoch:
             scalars = {'loss': event.loss.item(), 'lr': run.parts.optimizer.param_groups[0]['lr'],

@@ -8,10 +8,11 @@ import timm
 import torch
 
 import pgt.models  # noqa: F401  (registers resnet18_nobn)
-from conftest import ROOT
+from conftest import ROOT, TINY, run_main
 from pgt.config import finalize_args, parse_config
 from pgt.errors import UsageError
-from pgt.optim import build_scheduler, total_epochs
+from pgt.optim import build_scheduler, set_epoch_rate, set_update_rate, total_epochs
+from pgt.runlog import read_summary
 
 PAPER = ROOT / 'configs' / 'paper'
 ROW_RECIPES = sorted(p for p in PAPER.glob('*.yaml'))
@@ -70,11 +71,12 @@ def expected_lr(epoch, peak, sched, warmup, cosine_epochs):
 
 
 def lr_curve(args):
+    """The rate each epoch trains at, set as train.py sets it (pgt.optim.set_epoch_rate)."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
     scheduler, _ = build_scheduler(optimizer, args, updates_per_epoch=1)
     curve = []
     for epoch in range(total_epochs(args)):
-        scheduler.step(epoch)
+        set_epoch_rate(scheduler, epoch, args)
         curve.append(optimizer.param_groups[0]['lr'])
     return curve
 
@@ -180,7 +182,7 @@ def test_clipping_grids_search_the_assumed_factors_of_table_2():
 
 def warmup_prefix_lr(epoch, peak, warmup, epochs, floor=4e-4):
     """The papers' literal reading: linear warmup to the peak, then cosine from the peak at the end of the warmup
-    to the floor at --epochs, then the floor (cooldown)."""
+    to the floor at epoch ``epochs``, then the floor (cooldown)."""
     if epoch < warmup:
         return floor + epoch * (peak - floor) / warmup
     if epoch >= epochs:
@@ -188,16 +190,103 @@ def warmup_prefix_lr(epoch, peak, warmup, epochs, floor=4e-4):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
 
 
-def test_warmup_prefix_reaches_the_peak_and_keeps_the_run_length():
+@pytest.mark.parametrize('extra', [[], ['--sched', 'step', '--decay-epochs', '30'], ['--sched-on-updates']],
+                         ids=['cosine', 'step', 'per-update'])
+def test_warmup_prefix_means_what_it_means_in_timm(extra):
+    """timm's create_scheduler_v2 with the same settings, stepped as timm's train.py steps it, gives every rate and
+    the run's length: the warmup comes before --epochs of schedule, so the run is longer by the warmup."""
+    from timm.scheduler import create_scheduler_v2
+    args = finalize_args(parse_config(['--config', str(PAPER / 'resnet18-cosine-pgt.yaml'), '--warmup-prefix',
+                                       *extra]), world_size=1)
+    updates = 7 if args.sched_on_updates else 1
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    timm_scheduler, timm_epochs = create_scheduler_v2(
+        reference, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=True,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler, epochs = build_scheduler(optimizer, args, updates_per_epoch=updates)
+    assert epochs == timm_epochs == (args.epochs + 5 + (10 if args.sched == 'cosine' else 0))
+    for epoch in range(epochs):
+        for update in range(updates):
+            if update == 0:
+                timm_scheduler.step(epoch)
+                set_epoch_rate(scheduler, epoch, args)
+            assert optimizer.param_groups[0]['lr'] == reference.param_groups[0]['lr'], (epoch, update)
+            timm_scheduler.step_update(epoch * updates + update + 1)
+            set_update_rate(scheduler, epoch * updates + update + 1, args)
+
+
+def test_the_papers_literal_cosine_is_warmup_prefix_with_the_warmup_taken_from_epochs():
     path = PAPER / 'resnet18-cosine-pgt.yaml'
-    plain, literal = load(path), finalize_args(parse_config(['--config', str(path), '--warmup-prefix']), world_size=1)
-    curve = lr_curve(literal)
-    assert len(curve) == len(lr_curve(plain)) == 100
-    assert curve[5] == pytest.approx(0.4, abs=1e-6) and lr_curve(plain)[5] == pytest.approx(0.397, abs=5e-4)
+    literal = finalize_args(parse_config(['--config', str(path), '--warmup-prefix', '--epochs', '85']), 1)
+    curve, plain = lr_curve(literal), lr_curve(load(path))
+    assert len(curve) == len(plain) == 100
+    assert curve[5] == pytest.approx(0.4, abs=1e-6) and plain[5] == pytest.approx(0.397, abs=5e-4)
     for epoch in range(100):
         assert curve[epoch] == pytest.approx(warmup_prefix_lr(epoch, 0.4, 5, 90), abs=1e-6), epoch
-    with pytest.raises(UsageError, match='applies to --sched cosine only'):
-        finalize_args(parse_config(['--config', str(PAPER / 'resnet18-step-pgt.yaml'), '--warmup-prefix']), 1)
+
+
+# ---- the published code's schedule (--schedule-origin fork)
+
+def fork_rate(t, args):
+    """lr_scheduler._get_lr(t) of the 2021 timm the published code vendors (timm/scheduler/cosine_lr.py and
+    step_lr.py, as its create_scheduler builds them: t_mul 1, cycle_limit 1, warmup not a prefix), in float64."""
+    if t < args.warmup_epochs:
+        return args.warmup_lr + t * (args.lr - args.warmup_lr) / args.warmup_epochs
+    if args.sched == 'step':
+        return args.lr * args.decay_rate ** (t // args.decay_epochs)
+    cycle = t // args.epochs
+    if cycle < 1:
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * (t - args.epochs * cycle)
+                                                                           / args.epochs))
+    return args.min_lr
+
+
+def fork_epoch_rates(args):
+    """The published train.py's epoch loop (--train-continuous 1), written out: the scheduler's constructor sets
+    the warmup's first rate; after each epoch the loop counts the epoch up, evaluates, and calls
+    lr_scheduler.step(epoch + 1); it stops once epoch >= num_epochs (cosine: epochs + cooldown; step: epochs)."""
+    num_epochs = args.epochs + args.cooldown_epochs if args.sched == 'cosine' else args.epochs
+    lr, rates, epoch = (args.warmup_lr if args.warmup_epochs else args.lr), [], 0
+    while True:
+        rates.append(lr)  # train_one_epoch(epoch, ...)
+        epoch += 1
+        lr = fork_rate(epoch + 1, args)
+        if epoch >= num_epochs:
+            return rates
+
+
+@pytest.mark.parametrize('row', ['resnet50-cosine-baseline', 'resnet50-step-pgt', 'resnet50-cosine-pgt-60ep'])
+def test_schedule_origin_fork_trains_every_epoch_at_the_published_codes_rate(row):
+    args = finalize_args(parse_config(['--config', str(PAPER / f'{row}.yaml'), '--schedule-origin', 'fork']), 1)
+    curve, expected = lr_curve(args), fork_epoch_rates(args)
+    assert len(curve) == len(expected)
+    for epoch, (rate, published) in enumerate(zip(curve, expected)):
+        assert rate == pytest.approx(published, rel=1e-12, abs=1e-15), epoch
+    if args.sched == 'cosine' and args.epochs == 90:
+        assert curve[:5] == pytest.approx([4e-4, 0.16032, 0.24024, 0.32016, 0.397], abs=5e-4)  # the issue's figures
+    if args.sched == 'step':
+        assert [epoch for epoch in range(1, 100) if curve[epoch] < curve[epoch - 1] * 0.5] == [29, 59, 89]
+        assert lr_curve(load(PAPER / f'{row}.yaml'))[29:31] == pytest.approx([0.4, 0.04])  # timm's: at 30
+
+
+def test_a_run_with_schedule_origin_fork_trains_each_epoch_at_the_published_codes_rate(tiny_data, tmp_path):
+    run_dir = tmp_path / 'run'
+    options = ['--config', TINY, '--epochs', 3, '--cooldown-epochs', 1, '--warmup-epochs', 2, '--warmup-lr', 0.01,
+               '--lr', 0.2, '--min-lr', 0.001, '--schedule-origin', 'fork']
+    run_main('train.py', *options, '--data-dir', tiny_data, '--output', run_dir, check=True)
+    args = finalize_args(parse_config([str(option) for option in options]), world_size=1)
+    expected = fork_epoch_rates(args)
+    assert [float(row['lr']) for row in read_summary(run_dir)] == pytest.approx(expected, rel=1e-6)
+    assert expected[1:] == pytest.approx([fork_rate(2, args), fork_rate(3, args), args.min_lr])  # lr(1) trains no epoch
+
+
+def test_schedule_origin_fork_is_refused_with_a_schedule_stepped_every_update():
+    with pytest.raises(UsageError, match='fork steps the schedule once per epoch'):
+        finalize_args(parse_config(['--config', str(PAPER / 'resnet18-cosine-pgt.yaml'), '--schedule-origin', 'fork',
+                                    '--sched-on-updates']), 1)
 
 
 # ---- the budget tier

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--pgt-alpha', '--modify-softmax', type=float, default=None, metavar='ALPHA',
                    help='turn on the PowerGrad Transform with this alpha in [0, 1]')
     g.add_argument('--pgt-start-epoch', type=int, default=0, help='plain cross-entropy before this epoch')
+    g.add_argument('--pgt-impl', default='exact', choices=('exact', 'hook'),
+                   help="exact: Eq. 5-6 from the logits (pgt.transform); hook: the published code's backward hook, "
+                        'exact only at a float16 loss scale of (per-GPU batch)^2 (pgt.published_hook)')
 
     g = p.add_argument_group('diagnostics')
     _bool_flag(g, '--diagnostics', 'log logit, filter and gradient-conditioning metrics')
@@ -440,6 +443,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise UsageError(f'mixup/cutmix need an even per-GPU batch, got {args.batch_size}')
     if args.clip_mode == 'agc' and args.clip_grad is None:
         raise UsageError('--clip-mode agc needs --clip-grad (the clip factor, e.g. 0.01)')
+    if args.pgt_impl == 'hook' and (args.mixup or args.cutmix):
+        raise UsageError(f'{_where(args, "pgt_impl")}: the published hook builds its targets from class indices; it '
+                         f'never saw mixup or cutmix')
     if args.schedule_origin == 'fork' and args.sched_on_updates:
         raise UsageError(f'{_where(args, "schedule_origin")}: fork steps the schedule once per epoch, as the published '
                          f'code did; --sched-on-updates steps it every update')

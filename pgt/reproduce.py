@@ -4,6 +4,7 @@
     pgt-reproduce --table 2 --data-dir /imagenet --nproc-per-node 4         # run them here, one after another
     pgt-reproduce --table all --data-dir /imagenet --seeds 0 1 2 --slurm all.sbatch --gpus a100:4 --max-concurrent 8
     pgt-reproduce --tier budget --table 1 --data-dir /imagenet --seeds 0 1 2 --dry-run   # the low-cost tier
+    pgt-reproduce --table 1 --variant published-command --dry-run     # the published command's lr, loop and hook
 
 (``python scripts/reproduce.py`` is the same program.) Each run writes to <runs-dir>/<row name>, or
 <runs-dir>/<row name>/seed<k> with --seeds, and is started with --resume auto, so an interrupted table continues
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from .errors import CliParser, UsageError, run_cli
 from .paper import TABLES, TIERS, configs_dir, jobs, paper_runs
+from .recipes import load_recipe
 from .slurm import array_script, gpu_count
 
 
@@ -35,6 +37,9 @@ def parse_args(argv):
                    help='run every row once per seed, into <runs-dir>/<row>/seed<k>')
     p.add_argument('--nproc-per-node', type=int, default=4)
     p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
+    p.add_argument('--variant', choices=sorted(path.stem for path in (configs_dir() / 'variants').glob('*.yaml')),
+                   help='options from configs/variants/<name>.yaml on top of every recipe (default runs-dir: '
+                        'runs/<tier>-<variant>)')
     slurm = p.add_argument_group('SLURM (--slurm FILE writes an array script instead of running)')
     slurm.add_argument('--slurm', metavar='FILE')
     slurm.add_argument('--gpus', default=None, metavar='[TYPE:]N', help='GPUs per node (default: --nproc-per-node)')
@@ -49,8 +54,24 @@ def parse_args(argv):
     p.add_argument('--debug', action='store_true')
     p.add_argument('extra', nargs='*', help='further train.py options, after --')
     args = p.parse_args(argv)
-    args.runs_dir = Path(args.runs_dir or f'runs/{args.tier}')
+    args.runs_dir = Path(args.runs_dir or f'runs/{args.tier}' + (f'-{args.variant}' if args.variant else ''))
+    if args.variant:
+        args.extra = variant_options(configs_dir() / 'variants' / f'{args.variant}.yaml') + args.extra
     return args
+
+
+def variant_options(path: Path) -> list[str]:
+    """A variant file's keys as train.py options (``key: value`` as a recipe writes it, true/false as --key and
+    --no-key), to follow the recipe on the command line."""
+    mapping, _ = load_recipe(path)
+    options = []
+    for key, value in mapping.items():
+        key = key.replace('_', '-')
+        if isinstance(value, bool):
+            options.append(f'--{"" if value else "no-"}{key}')
+        else:
+            options += [f'--{key}', *map(str, value if isinstance(value, list) else [value])]
+    return options
 
 
 def launcher(nproc: int) -> list[str]:

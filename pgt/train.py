@@ -43,6 +43,7 @@ from .loaders import Loaders, build_loaders, save_indexes
 from .models import create_model
 from .optim import build_optimizer, build_scheduler, clip_parameters, set_epoch_rate, set_update_rate
 from .preemption import PreemptionFlag
+from .published_hook import PublishedHookCrossEntropy
 from .runlock import RunLock
 from .runlog import RunLog, setup_logging
 from .trainstate import TrainState
@@ -210,8 +211,14 @@ def training_parts(model: torch.nn.Module, state: TrainState, amp_dtype, args, e
             model, device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
     if args.torchcompile:
         trained = torch.compile(trained, backend=args.torchcompile)
-    # Target checks read values back to the host: keep them off the GPU hot path (CUDA asserts on bad indices).
-    loss_fn = PowerGradCrossEntropy(1.0, args.smoothing, check_targets=env.device.type != 'cuda')
+    if args.pgt_impl == 'hook':
+        loss_fn = PublishedHookCrossEntropy(1.0, args.smoothing)
+        if amp_dtype != torch.float16 and args.pgt_alpha not in (None, 1.0):
+            log.warning('--pgt-impl hook without float16: the published hook assumes a loss scale of (per-GPU '
+                        'batch)^2 = %d; this run\'s is 1, so its PGT gradients are about that many times too large',
+                        args.batch_size ** 2)
+    else:  # target checks read values back to the host: off the GPU hot path (CUDA asserts on bad indices)
+        loss_fn = PowerGradCrossEntropy(1.0, args.smoothing, check_targets=env.device.type != 'cuda')
     mixup = None
     if args.mixup or args.cutmix:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,

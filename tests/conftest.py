@@ -274,3 +274,15 @@ def poisoned_loss(monkeypatch):
     yield steps
     for s, handler in handlers.items():
         signal.signal(s, handler)
+
+
+def lr_curve(args) -> list[float]:
+    """The rate each epoch of a configuration trains at, set as train.py sets it (pgt.optim.set_epoch_rate)."""
+    from pgt.optim import build_scheduler, set_epoch_rate, total_epochs
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler, _ = build_scheduler(optimizer, args, updates_per_epoch=1)
+    curve = []
+    for epoch in range(total_epochs(args)):
+        set_epoch_rate(scheduler, epoch, args)
+        curve.append(optimizer.param_groups[0]['lr'])
+    return curve

@@ -1,4 +1,6 @@
 """Independent float64 references used by the tests (never the code under test)."""
+import math
+
 import numpy as np
 import torch
 
@@ -47,3 +49,33 @@ def rel_err(actual, expected) -> float:
     a = torch.as_tensor(actual).double().cpu().numpy()
     e = np.asarray(expected, dtype=np.float64)
     return float(np.abs(a - e).max() / np.abs(e).max())
+
+
+# ---- the published code's learning-rate schedule
+
+def fork_rate(t, args):
+    """lr_scheduler._get_lr(t) of the 2021 timm the published code vendors (timm/scheduler/cosine_lr.py and
+    step_lr.py, as its create_scheduler builds them: t_mul 1, cycle_limit 1, warmup not a prefix), in float64."""
+    if t < args.warmup_epochs:
+        return args.warmup_lr + t * (args.lr - args.warmup_lr) / args.warmup_epochs
+    if args.sched == 'step':
+        return args.lr * args.decay_rate ** (t // args.decay_epochs)
+    cycle = t // args.epochs
+    if cycle < 1:
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * (t - args.epochs * cycle)
+                                                                           / args.epochs))
+    return args.min_lr
+
+
+def fork_epoch_rates(args):
+    """The published train.py's epoch loop (--train-continuous 1), written out: the scheduler's constructor sets
+    the warmup's first rate; after each epoch the loop counts the epoch up, evaluates, and calls
+    lr_scheduler.step(epoch + 1); it stops once epoch >= num_epochs (cosine: epochs + cooldown; step: epochs)."""
+    num_epochs = args.epochs + args.cooldown_epochs if args.sched == 'cosine' else args.epochs
+    lr, rates, epoch = (args.warmup_lr if args.warmup_epochs else args.lr), [], 0
+    while True:
+        rates.append(lr)  # train_one_epoch(epoch, ...)
+        epoch += 1
+        lr = fork_rate(epoch + 1, args)
+        if epoch >= num_epochs:
+            return rates

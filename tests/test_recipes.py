@@ -8,7 +8,8 @@ import timm
 import torch
 
 import pgt.models  # noqa: F401  (registers resnet18_nobn)
-from conftest import ROOT, TINY, run_main
+from conftest import ROOT, TINY, lr_curve, run_main
+from references import fork_epoch_rates, fork_rate
 from pgt.config import finalize_args, parse_config
 from pgt.errors import UsageError
 from pgt.optim import build_scheduler, set_epoch_rate, set_update_rate, total_epochs
@@ -68,17 +69,6 @@ def expected_lr(epoch, peak, sched, warmup, cosine_epochs):
     if epoch >= cosine_epochs:
         return floor
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * epoch / cosine_epochs))
-
-
-def lr_curve(args):
-    """The rate each epoch trains at, set as train.py sets it (pgt.optim.set_epoch_rate)."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
-    scheduler, _ = build_scheduler(optimizer, args, updates_per_epoch=1)
-    curve = []
-    for epoch in range(total_epochs(args)):
-        set_epoch_rate(scheduler, epoch, args)
-        curve.append(optimizer.param_groups[0]['lr'])
-    return curve
 
 
 @pytest.mark.parametrize('path', ROW_RECIPES + GRID_RECIPES, ids=lambda p: p.stem)
@@ -229,34 +219,6 @@ def test_the_papers_literal_cosine_is_warmup_prefix_with_the_warmup_taken_from_e
 
 
 # ---- the published code's schedule (--schedule-origin fork)
-
-def fork_rate(t, args):
-    """lr_scheduler._get_lr(t) of the 2021 timm the published code vendors (timm/scheduler/cosine_lr.py and
-    step_lr.py, as its create_scheduler builds them: t_mul 1, cycle_limit 1, warmup not a prefix), in float64."""
-    if t < args.warmup_epochs:
-        return args.warmup_lr + t * (args.lr - args.warmup_lr) / args.warmup_epochs
-    if args.sched == 'step':
-        return args.lr * args.decay_rate ** (t // args.decay_epochs)
-    cycle = t // args.epochs
-    if cycle < 1:
-        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * (t - args.epochs * cycle)
-                                                                           / args.epochs))
-    return args.min_lr
-
-
-def fork_epoch_rates(args):
-    """The published train.py's epoch loop (--train-continuous 1), written out: the scheduler's constructor sets
-    the warmup's first rate; after each epoch the loop counts the epoch up, evaluates, and calls
-    lr_scheduler.step(epoch + 1); it stops once epoch >= num_epochs (cosine: epochs + cooldown; step: epochs)."""
-    num_epochs = args.epochs + args.cooldown_epochs if args.sched == 'cosine' else args.epochs
-    lr, rates, epoch = (args.warmup_lr if args.warmup_epochs else args.lr), [], 0
-    while True:
-        rates.append(lr)  # train_one_epoch(epoch, ...)
-        epoch += 1
-        lr = fork_rate(epoch + 1, args)
-        if epoch >= num_epochs:
-            return rates
-
 
 @pytest.mark.parametrize('row', ['resnet50-cosine-baseline', 'resnet50-step-pgt', 'resnet50-cosine-pgt-60ep'])
 def test_schedule_origin_fork_trains_every_epoch_at_the_published_codes_rate(row):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import ROOT, lr_curve, run_main
+from references import fork_epoch_rates
 from pgt import reproduce
 
 TABLE1 = [r['row'] for r in csv.DictReader(open(ROOT / 'configs/paper/published.csv')) if r['table'] == '1']
@@ -47,6 +48,24 @@ def test_table3_rows_that_repeat_table1_rows_run_once(capsys):
     resnet50_runs = sum(bool(re.search(r'--config configs/paper/(table3-row\d-)?resnet50-(?!.*60ep)', line))
                         for line in lines)
     assert resnet50_runs == resnet50_rows - 4
+
+
+def test_the_published_command_variant_runs_each_row_as_the_published_command_did(capsys):
+    """--lr 0.1 at 4 x 256, the parser's warmup-lr 0.01 and min-lr 1e-4, the published epoch loop and hook; the
+    row's own alpha, smoothing and schedule shape."""
+    from pgt.config import finalize_args, parse_config
+    lines = commands(listing(capsys, '--table', '1', '--variant', 'published-command', '--dry-run'))
+    assert len(lines) == len(TABLE1)
+    [line] = [c for c in lines if '--config configs/paper/resnet18-cosine-pgt.yaml ' in c]
+    assert '--output runs/paper-published-command/resnet18-cosine-pgt ' in line
+    args = finalize_args(parse_config(line[len(LAUNCHER):].split()), world_size=4)
+    row = finalize_args(parse_config(['--config', str(ROOT / 'configs/paper/resnet18-cosine-pgt.yaml')]), 4)
+    assert (args.lr, args.warmup_lr, args.min_lr, args.schedule_origin, args.pgt_impl) == (0.1, 0.01, 1e-4, 'fork',
+                                                                                            'hook')
+    assert (args.pgt_alpha, args.smoothing, args.sched, args.epochs, args.global_batch_size) == (
+        row.pgt_alpha, row.smoothing, row.sched, row.epochs, 1024)
+    assert lr_curve(args) == pytest.approx(fork_epoch_rates(args), rel=1e-12)
+    assert lr_curve(args)[:5] == pytest.approx([0.01, 0.046, 0.064, 0.082, 0.09924], abs=5e-5)
 
 
 def test_seeds_give_a_job_per_row_and_seed_with_its_own_folder(tmp_path, capsys):

@@ -4,6 +4,9 @@ integer epochs, legends outside the data, published results as reference lines, 
 - Fig. 2 (ICLR): train and test top-1 and the generalisation gap (train - test) against alpha, a panel per model.
 - Fig. 3: train and test top-1 per epoch on log-log axes, as the papers draw them, the mean over seeds with a band of
   one standard deviation.
+- Fig. 4: the filters of the second weight layer at the end of training, each a cell coloured by its L2 norm,
+  those that zeroed out marked: a zero filter gives a zero feature map for every input (the papers' Fig. 4 shows
+  such maps); a panel per run.
 - Fig. 5: per-filter L2 norms of two weight layers and per-feature norms of the pooled features over iterations,
   for a baseline and a PGT run (pgt.diagnostics' filter_norms.csv).
 - Fig. 6: logit norm and loss against alpha, and loss against logit norm with its least-squares line and R^2.
@@ -161,3 +164,28 @@ def alpha_sweep_figure(results: list[dict]):
     _label_panels(axes)
     fig.legend(loc='outside lower center', frameon=False)
     return fig, (float(slope), float(intercept), r2)
+
+
+def zeroed_filters_figure(runs: dict[str, np.ndarray], layer: str, eps: float):
+    """Fig. 4: a panel per run ({label: per-filter L2 norms [filters]}), the filters laid out on a grid and coloured
+    by their norm on one scale; a filter below ``eps`` (zeroed out) is marked with a cross and counted."""
+    count = len(next(iter(runs.values())))
+    columns = int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    top = max(float(norms.max()) for norms in runs.values()) or 1.0
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4), layout='constrained', squeeze=False)
+    axes = axes[0]
+    for ax, (label, norms) in zip(axes, runs.items()):
+        grid = np.full(rows * columns, np.nan)
+        grid[:count] = norms
+        image = ax.imshow(grid.reshape(rows, columns), cmap='viridis', vmin=0.0, vmax=top)
+        zeroed = np.flatnonzero(norms < eps)
+        ax.scatter(zeroed % columns, zeroed // columns, marker='x', color='tab:red', s=30,
+                   label='zeroed-out filter')
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f'{label}: {len(zeroed)} of {count} filters zeroed out')
+    _label_panels(axes)
+    fig.colorbar(image, ax=list(axes), label=f'{layer}: filter L2 norm')
+    fig.suptitle(f'Filters of {layer} at the end of training')
+    return fig

@@ -32,8 +32,8 @@ TEMPLATE = '''#!/usr/bin/env bash
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output={log_dir}/%x-%A_%a.out
-{extra_lines}# Written by pgt-reproduce: one array task per run and seed. scripts/slurm_step.sh turns SLURM's warning signal
-# into a recovery checkpoint (train.py exits 75) and requeues the task, which resumes with --resume auto.
+{extra_lines}# Written by pgt-reproduce: one array task per run and seed. scripts/slurm_step.sh turns SLURM's warning
+# signal into a recovery checkpoint (train.py exits 75) and requeues the task, which resumes with --resume auto.
 set -uo pipefail
 cd {root}
 mkdir -p {log_dir}

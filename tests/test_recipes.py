@@ -267,22 +267,38 @@ def test_budget_recipe_keeps_its_rows_settings_and_scales_its_schedule(path):
     budget, row = load(path), load(PAPER / f'{path.stem}.yaml')
     assert budget.paper['shrinks'] == path.stem and budget.paper['tier'] == 'budget'
     for key in ('model', 'pgt_alpha', 'global_batch_size', 'opt', 'lr', 'momentum', 'weight_decay', 'smoothing',
-                'sched', 'pgt_start_epoch', 'model_kwargs', 'interpolation'):
+                'sched', 'model_kwargs', 'interpolation'):
         assert getattr(budget, key) == getattr(row, key), key
+    assert budget.pgt_start_epoch == (budget.warmup_epochs if budget.pgt_alpha is not None else 0)  # after warmup
     epochs, row_epochs = total_epochs(budget), total_epochs(row)
     assert epochs <= row_epochs / 5 and (budget.img_size, budget.val_img_size) == (160, 224)
-    ratio = epochs / row_epochs  # 1/5: the row's warmup end, milestones and cosine end scaled by it
-    curve = lr_curve(budget)
+    ratio = epochs / row_epochs  # 1/5: the row's milestones and cosine end scaled by it
+    updates = 1_281_167 // budget.global_batch_size
+    rates = update_rates(budget, updates, epochs)
     peak = 0.4 * row.global_batch_size / 1024
-    for epoch in range(epochs):
-        assert curve[epoch] == pytest.approx(scaled_lr(epoch, ratio, row.sched, peak), abs=1e-6), epoch
+    for update, rate in enumerate(rates):
+        assert rate == pytest.approx(budget_lr(update / updates, ratio, row.sched, peak), abs=1e-9), update
+    assert max(later / earlier for earlier, later in zip(rates[1:], rates[2:])) <= 2  # no jump after the first step
     assert f'base: ../paper/{path.stem}.yaml' in path.read_text() and 'training images' in path.read_text()
 
 
-def scaled_lr(epoch, ratio, sched, peak, floor=4e-4):
-    """The row's published curve (expected_lr) with its epochs scaled by ``ratio``: warmup 5, milestones 30/60/90,
-    cosine end 90 become 5r, 30r/60r/90r and 90r."""
-    warmup = 5 * ratio
+def update_rates(args, updates_per_epoch: int, epochs: int) -> list[float]:
+    """The rate of every update of the run, set as train.py sets it: set_epoch_rate before each epoch,
+    set_update_rate after each update."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    scheduler, _ = build_scheduler(optimizer, args, updates_per_epoch=updates_per_epoch)
+    rates = []
+    for epoch in range(epochs):
+        set_epoch_rate(scheduler, epoch, args)
+        for step in range(1, updates_per_epoch + 1):
+            rates.append(optimizer.param_groups[0]['lr'])
+            set_update_rate(scheduler, epoch * updates_per_epoch + step, args)
+    return rates
+
+
+def budget_lr(epoch: float, ratio, sched, peak, floor=4e-4, warmup=2):
+    """At a fraction of an epoch: FFCV's warmup (linear from the floor to the peak over 2 epochs), then the row's
+    curve with its epochs scaled by ``ratio`` (milestones 30/60/90 and cosine end 90 become 30r/60r/90r and 90r)."""
     if epoch < warmup:
         return floor + epoch * (peak - floor) / warmup
     if sched == 'step':

@@ -14,7 +14,8 @@ from scipy import stats
 from conftest import PAPER_PAIR
 from pgt import report
 from pgt.errors import UsageError
-from pgt.plots import accuracy_curves_figure, alpha_sweep_figure, filter_norms_figure, grid_figure, save_figure
+from pgt.plots import (accuracy_curves_figure, alpha_sweep_figure, filter_norms_figure, grid_figure, save_figure,
+                       zeroed_filters_figure)
 from pgt.runlog import read_summary
 
 
@@ -23,12 +24,13 @@ def synthetic_run(run_dir, train, test, epochs=100, classes=1000, model='resnet1
     epochs lower, so the final epoch is also the best), and config.yaml."""
     run_dir.mkdir(parents=True)
     with open(run_dir / 'summary.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['epoch', 'train_loss', 'train_top1', 'eval_loss', 'eval_top1', 'lr'])
+        writer = csv.DictWriter(f, fieldnames=['epoch', 'train_loss', 'train_top1', 'eval_loss', 'eval_top1',
+                                               'eval_top5', 'lr'])
         writer.writeheader()
         for e in range(epochs):
             ahead = epochs - 1 - e
             writer.writerow({'epoch': e, 'train_loss': 1.0, 'train_top1': train - ahead * 0.1, 'eval_loss': 1.2,
-                             'eval_top1': test - ahead * 0.1, 'lr': 0.1})
+                             'eval_top1': test - ahead * 0.1, 'eval_top5': test + 20 - ahead * 0.1, 'lr': 0.1})
     config = {'model': model, 'num_classes': classes, 'seed': seed, **({'pgt_alpha': alpha} if alpha else {})}
     (run_dir / 'config.yaml').write_text(yaml.safe_dump(config))
 
@@ -130,12 +132,13 @@ def test_markdown_has_three_decimals_gaps_and_the_paper(synthetic_report):
     cells = markdown_rows(text, 'resnet18-cosine-pgt')[0]
     tests, trains = [t for _, t in SEEDED['resnet18-cosine-pgt'][2].values()], [
         t for t, _ in SEEDED['resnet18-cosine-pgt'][2].values()]
-    assert cells[:5] == ['resnet18-cosine-pgt', 'resnet18', '0.25', '0 1 2', '100/100']
-    assert cells[5] == f'{statistics.mean(trains):.3f} ± {statistics.stdev(trains):.3f}'
-    assert cells[6] == f'{statistics.mean(tests):.3f} ± {statistics.stdev(tests):.3f}'
-    assert cells[8] == f'{statistics.mean(trains) - statistics.mean(tests):.3f}'  # gap
-    assert cells[9:12] == ['70.530', '70.298', f'{70.53 - 70.298:.3f}']  # paper train, test, gap
-    assert cells[12] == f'{statistics.mean(tests) - 70.298:+.3f}' and cells[13] == 'complete'
+    assert cells[:6] == ['resnet18-cosine-pgt', 'resnet18', '0.25', 'exact, timm', '0 1 2', '100/100']
+    assert cells[6] == f'{statistics.mean(trains):.3f} ± {statistics.stdev(trains):.3f}'
+    assert cells[7] == f'{statistics.mean(tests):.3f} ± {statistics.stdev(tests):.3f}'
+    assert cells[9:11] == [f'{statistics.mean(tests) + 20:.3f}', '1.200']  # final top-5 and loss
+    assert cells[11] == f'{statistics.mean(trains) - statistics.mean(tests):.3f}'  # gap
+    assert cells[12:15] == ['70.530', '70.298', f'{70.53 - 70.298:.3f}']  # paper train, test, gap
+    assert cells[15] == f'{statistics.mean(tests) - 70.298:+.3f}' and cells[16] == 'complete'
     low, high, _ = expected_interval({s: t for s, (_, t) in SEEDED['resnet18-cosine-pgt'][2].items()},
                                      {s: t for s, (_, t) in SEEDED['resnet18-cosine-baseline'][2].items()})
     diff_cells = markdown_rows(text, 'resnet18-cosine-pgt')[1]
@@ -156,10 +159,10 @@ def test_incomplete_and_other_data_rows_are_marked_and_get_no_difference_to_the_
     results = read_csv(synthetic_report / 'results.csv')
     assert results['resnet101-cosine-baseline']['status'] == 'incomplete: 10 of 100 epochs'
     assert results['resnet101-cosine-pgt']['status'] == "not the paper's data: 10 classes, not 1000"
-    assert results['resnet101-cosine-baseline']['delta_paper_test'] == ''
-    assert results['resnet101-cosine-pgt']['delta_paper_test'] == ''
+    assert results['resnet101-cosine-baseline']['delta_paper_best_test'] == ''
+    assert results['resnet101-cosine-pgt']['delta_paper_best_test'] == ''
     text = (synthetic_report / 'report.md').read_text()
-    assert markdown_rows(text, 'resnet101-cosine-baseline')[0][12:] == ['–', 'incomplete: 10 of 100 epochs']
+    assert markdown_rows(text, 'resnet101-cosine-baseline')[0][15:] == ['–', 'incomplete: 10 of 100 epochs']
     # Against each other they still get a difference with its interval, but no verdict on the published one.
     assert read_csv(synthetic_report / 'differences.csv')['resnet101-cosine-pgt']['published_inside'] == ''
     assert markdown_rows(text, 'resnet101-cosine-pgt')[1][-1] == '–'
@@ -167,9 +170,10 @@ def test_incomplete_and_other_data_rows_are_marked_and_get_no_difference_to_the_
 
 def test_grid_section_and_figure(synthetic_report):
     text = (synthetic_report / 'report.md').read_text()
-    assert '### resnet18' in text and '| grid-resnet18-alpha0.25 | 0.25 | 1 | 70.800 | 69.900 | 0.900 |' in text
+    assert '### resnet18' in text
+    assert '| grid-resnet18-alpha0.25 | 0.25 | exact, timm | 1 | 70.800 | 69.900 | 0.900 |' in text
     for suffix in ('png', 'pdf'):
-        assert (synthetic_report / f'fig2-grid.{suffix}').stat().st_size > 1000
+        assert (synthetic_report / f'fig2-alpha.{suffix}').stat().st_size > 1000
 
 
 # ---- the figures, inspected before they are saved
@@ -201,7 +205,7 @@ def test_fig3_log_axes_integer_epochs_bands_reference_lines_and_outside_legend(t
 
 
 def test_fig6_one_figure_of_three_panels_with_alpha_labels_and_r2():
-    results = [{'pgt_alpha': a, 'logit_norm': n, 'loss': l} for a, n, l in
+    results = [{'pgt_alpha': a, 'logit_norm': n, 'loss': loss} for a, n, loss in
                ((0.1, 40.0, 2.9), (0.3, 30.0, 2.1), (0.6, 20.0, 1.55), (None, 10.0, 0.8))]
     fig, (slope, intercept, r2) = alpha_sweep_figure(results)
     norm, loss = np.array([40.0, 30, 20, 10]), np.array([2.9, 2.1, 1.55, 0.8])
@@ -227,6 +231,20 @@ def test_fig2_and_fig5_panels():
     assert len(fig5.axes[0].lines) == 4  # a line per filter
 
 
+def test_fig4_marks_and_counts_the_zeroed_out_filters():
+    norms = {'baseline': np.array([0.5, 0.0, 0.7, 0.0, 0.3, 1e-7, 0.2]), 'pgt': np.linspace(0.1, 0.9, 7)}
+    fig = zeroed_filters_figure(norms, 'layer1.0.conv1.weight', eps=1e-5)
+    panels = [ax for ax in fig.axes if ax.get_title(loc='left')]
+    assert [ax.get_title(loc='left') for ax in panels] == ['(a)', '(b)']
+    assert [ax.get_xlabel() for ax in panels] == ['baseline: 3 of 7 filters zeroed out',
+                                                  'pgt: 0 of 7 filters zeroed out']
+    marked = panels[0].collections[0].get_offsets()  # the crosses, at (column, row) of a 3 x 3 grid
+    assert sorted(map(tuple, np.asarray(marked).tolist())) == [(0.0, 1.0), (1.0, 0.0), (2.0, 1.0)]
+    image = np.ma.filled(panels[0].images[0].get_array().astype(float), np.nan)
+    assert image.shape == (3, 3) and image[0, 0] == 0.5 and image[2, 0] == pytest.approx(0.2)
+    assert np.isnan(image[2, 1:]).all()  # no filter in the last two cells
+
+
 # ---- real CPU runs: two seeds of a baseline and a PGT row, with diagnostics
 
 def test_report_of_real_runs_with_two_seeds_each(paper_runs, tmp_path):
@@ -235,14 +253,24 @@ def test_report_of_real_runs_with_two_seeds_each(paper_runs, tmp_path):
     text = (out / 'report.md').read_text()
     for row in PAPER_PAIR:
         cells = markdown_rows(text, row)[0]
-        assert cells[3] == '0 1' and cells[4] == '2/100'
-        assert cells[13] == "incomplete: 2 of 100 epochs; not the paper's data: 10 classes, not 1000"
-        assert cells[12] == '–'  # no difference to the paper for a 2-epoch, 10-class run
+        assert cells[4] == '0 1' and cells[5] == '2/100'
+        assert cells[16] == "incomplete: 2 of 100 epochs; not the paper's data: 10 classes, not 1000"
+        assert cells[15] == '–'  # no difference to the paper for a 2-epoch, 10-class run
     assert markdown_rows(text, 'resnet18-cosine-pgt')[1][-2:] == ['+0.090', '–']  # the published Δ, no verdict
     assert 'paired by seed' in markdown_rows(text, 'resnet18-cosine-pgt')[1]
-    for figure in ('fig3-resnet18-cosine-pgt', 'fig5-resnet18-cosine-pgt'):
+    # Fig. 2-6 from the runs' own files, with no other input: alpha 1 and 0.3 of one model and schedule for Fig. 2
+    # and 6, the curves (3), last.pth (4), the diagnostics' filter norms (5).
+    for figure in ('fig2-alpha', 'fig3-resnet18-cosine-pgt', 'fig4-resnet18-cosine-pgt', 'fig5-resnet18-cosine-pgt',
+                   'fig6-test_resnet-0'):
         assert (out / f'{figure}.png').stat().st_size > 1000 and (out / f'{figure}.pdf').is_file(), figure
-    assert '![fig3-resnet18-cosine-pgt](fig3-resnet18-cosine-pgt.png)' in text
+        assert f'![{figure}]({figure}.png)' in text
+    assert all(markdown_rows(text, row)[0][3] == 'exact, timm, lr 0.1' for row in PAPER_PAIR)
+    [conditioning] = [r for r in markdown_rows(text, 'resnet18-cosine-pgt') if len(r) == 9]  # seed 0's diagnostics
+    with open(paper_runs / 'resnet18-cosine-pgt' / 'seed0' / 'diagnostics.csv', newline='') as f:
+        probes = list(csv.DictReader(f))
+    assert conditioning[1:3] == ['0.3', str(len(probes))]
+    assert conditioning[3] == f"{statistics.mean(float(p['step_consistency']) for p in probes):.3f}"
+    assert conditioning[7:] == [probes[-1]['zeroed_filters'], probes[-1]['dead_pooled_features']]
     with open(paper_runs / 'resnet18-cosine-pgt' / 'seed0' / 'filter_norms.csv', newline='') as f:
         series = {row['series'] for row in csv.DictReader(f)}
     assert series == {'layer11', 'layer15', 'pooled'}
@@ -255,8 +283,9 @@ def test_any_run_is_reported_with_its_figures_and_without_the_papers_numbers(str
     text = (out / 'report.md').read_text()
     [cells] = markdown_rows(text, 'run')
     rows = read_summary(straight_run)
-    assert cells[:5] == ['run', 'test_resnet', '0.3', '0', '2/2'] and len(cells) == 10  # no columns of the paper
-    assert cells[6] == f"{float(rows[-1]['eval_top1']):.3f}" and cells[9] == 'not a row of the papers: no comparison'
+    assert cells[:6] == ['run', 'test_resnet', '0.3', 'exact, timm, lr 0.1', '0', '2/2'] and len(cells) == 13
+    assert cells[7] == f"{float(rows[-1]['eval_top1']):.3f}" and cells[12] == 'not a row of the papers: no comparison'
+    assert cells[9:11] == [f"{float(rows[-1]['eval_top5']):.3f}", f"{float(rows[-1]['eval_loss']):.3f}"]
     assert 'Other runs (not named after a row of the paper tier: no comparison with the papers)' in text
     assert (out / 'fig3-run.png').stat().st_size > 1000 and '![fig3-run](fig3-run.png)' in text
     both = tmp_path / 'runs'
@@ -266,8 +295,51 @@ def test_any_run_is_reported_with_its_figures_and_without_the_papers_numbers(str
     (both / 'smoke-20261204-101500').symlink_to(straight_run, target_is_directory=True)
     assert report.main(['--runs', str(both), '--out', str(tmp_path / 'both')]) == 0
     text = (tmp_path / 'both' / 'report.md').read_text()
-    assert markdown_rows(text, 'smoke-20261204-101500')[0][9] == 'not a row of the papers: no comparison'
-    assert len(markdown_rows(text, 'resnet18-cosine-pgt')[0]) == 14  # the paper's columns for the paper rows
+    assert markdown_rows(text, 'smoke-20261204-101500')[0][12] == 'not a row of the papers: no comparison'
+    assert len(markdown_rows(text, 'resnet18-cosine-pgt')[0]) == 17  # the paper's columns for the paper rows
+
+
+def published_code_run(folder, rows):
+    """A run folder as the published train.py leaves it: args.yaml (its parser's keys) and summary.csv (epochs from
+    1; train_acc; eval loss, top-1 and top-5)."""
+    folder.mkdir(parents=True)
+    (folder / 'args.yaml').write_text(yaml.safe_dump({'model': 'resnet18', 'sched': 'cosine', 'lr': 0.1,
+                                                      'batch_size': 256, 'modify_softmax': 0.25, 'smoothing': 0.0,
+                                                      'epochs': 90, 'cooldown_epochs': 10}))
+    with open(folder / 'summary.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['epoch', 'train_loss', 'train_acc', 'eval_loss', 'eval_top1',
+                                               'eval_top5'])
+        writer.writeheader()
+        for epoch, (top1, top5) in enumerate(rows, start=1):
+            writer.writerow({'epoch': epoch, 'train_loss': 1.0, 'train_acc': 70.0, 'eval_loss': 1.2,
+                             'eval_top1': top1, 'eval_top5': top5})
+
+
+def test_published_code_runs_and_each_runs_setup_are_reported_with_the_best_epoch_against_the_paper(tmp_path):
+    runs, out = tmp_path / 'runs', tmp_path / 'report'
+    synthetic_run(runs / 'resnet18-cosine-pgt', 71.0, 70.0, alpha=0.25)
+    config = yaml.safe_load((runs / 'resnet18-cosine-pgt' / 'config.yaml').read_text())
+    config.update(pgt_impl='hook', schedule_origin='fork', lr=0.1)
+    (runs / 'resnet18-cosine-pgt' / 'config.yaml').write_text(yaml.safe_dump(config))
+    with open(runs / 'resnet18-cosine-pgt' / 'summary.csv', 'a', newline='') as f:  # a last epoch below the best
+        f.write('100,1.0,71.0,1.3,69.5,89.0,0.0004\n')
+    published = tmp_path / 'published' / 'cosine-alpha-0.25'
+    published_code_run(published, [(60.0, 80.0), (70.4, 89.6), (70.1, 89.4)])
+    assert report.main(['--runs', str(runs), '--out', str(out), '--published-run',
+                        f'resnet18-cosine-pgt={published}']) == 0
+    text = (out / 'report.md').read_text()
+    ours, theirs = markdown_rows(text, 'resnet18-cosine-pgt')[:2]
+    best = max(float(r['eval_top1']) for r in read_summary(runs / 'resnet18-cosine-pgt'))
+    assert ours[3] == 'hook, fork, lr 0.1' and ours[7] == '69.500' and ours[8] == f'{best:.3f}'
+    assert ours[15] == f'{best - 70.298:+.3f}'  # Δ paper from the best epoch, as the published code kept model_best
+    assert theirs == ['resnet18-cosine-pgt', 'resnet18', '0.25', '0.1', '256', '3', '70.100', '70.400', '89.400',
+                      '70.298', f'{70.4 - 70.298:+.3f}', 'none']
+    [row] = read_csv(out / 'published_runs.csv').values()
+    assert float(row['best_test_top1']) == 70.4 and row['folder'] == str(published)
+    with pytest.raises(UsageError, match=r'--published-run resnet18-cosine-pgt=.*args.yaml not found'):
+        report.main(['--runs', str(runs), '--out', str(out), '--published-run', f'resnet18-cosine-pgt={tmp_path}'])
+    with pytest.raises(UsageError, match='expected ROW=DIR with ROW a row of the tier'):
+        report.main(['--runs', str(runs), '--out', str(out), '--published-run', f'no-such-row={published}'])
 
 
 def test_a_folder_without_runs_is_one_line(tmp_path):
@@ -285,5 +357,5 @@ def test_the_budget_tier_has_its_own_tables_without_the_papers_columns(tmp_path)
     assert text.startswith('# PGT reproduction report (budget tier)') and 'paper test' not in text
     assert 'published Δ' not in text and 'Δ paper' not in text
     cells = markdown_rows(text, 'resnet18-cosine-pgt')[0]
-    assert cells[4] == '20/20' and cells[-1] == 'complete'
+    assert cells[5] == '20/20' and cells[-1] == 'complete'
     assert 'paired by seed' in markdown_rows(text, 'resnet18-cosine-pgt')[1]

@@ -166,7 +166,10 @@ def test_per_example_gradients_under_vmap_match_float64_reference(kind):
     gen = torch.Generator().manual_seed(5)
     logits = 3 * torch.randn(6, 50, generator=gen)
     target, smoothing = make_target(kind, 6, 50, gen)
-    one = lambda z, t: power_grad_cross_entropy(z.unsqueeze(0), t.unsqueeze(0), 0.3, smoothing, check_targets=False)
+
+    def one(z, t):
+        return power_grad_cross_entropy(z.unsqueeze(0), t.unsqueeze(0), 0.3, smoothing, check_targets=False)
+
     grads = torch.func.vmap(torch.func.grad(one))(logits, target)
     assert rel_err(grads, pgt_grad64(logits, target, 0.3, smoothing, 'sum')) < FLOAT32_SOFTMAX_TOL
 

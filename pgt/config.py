@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help='stop with an error when the loader workers deliver no batch for this long (a worker hung)')
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
     g.add_argument('--img-size', type=int, default=None, help="training image size (default: the model's)")
+    g.add_argument('--train-img-sizes', type=int, nargs='+', default=None, metavar='SIZE',
+                   help="timm's scheduled resolutions: each training batch is cropped to one of these sizes (default: "
+                        '--img-size for all)')
+    g.add_argument('--train-size-probs', type=float, nargs='+', default=None, metavar='WEIGHT',
+                   help='base weight of each --train-img-sizes choice (default: uniform)')
+    g.add_argument('--train-size-schedule', default='constant', choices=('constant', 'progressive'),
+                   help='constant: each batch draws its size; progressive: the draw moves from the first size to the '
+                        'last over --epochs (timm)')
+    g.add_argument('--train-size-schedule-spread', type=float, default=0.65,
+                   help='progressive: spread of the draw around its moving centre, in choices (0: the nearest only)')
+    g.add_argument('--train-size-random-mix', type=float, default=0.1,
+                   help='progressive: fraction of batches whose size is drawn uniformly instead')
     g.add_argument('--val-img-size', type=int, default=None,
                    help='evaluation image size (default: --img-size); train low, test high for a cheaper run')
     g.add_argument('--crop-pct', type=float, default=None,
@@ -366,12 +378,13 @@ FLOAT_RANGES = {  # dest: (low, high, low_open, high_open)
     'color_jitter': (0, None, False, False), 'crop_pct': (0, 1, True, False), 'scale': (0, 1, True, False),
     'ratio': (0, None, True, False), 'decay_rate': (0, None, True, False), 'decay_epochs': (0, None, True, False),
     'clip_grad': (0, None, True, False), 'pgt_alpha': (0, 1, False, False), 'diagnostics_mask': (0, 1, False, True),
-    'lr_base': (0, None, True, False), 'std': (0, None, True, False),
+    'lr_base': (0, None, True, False), 'std': (0, None, True, False), 'train_size_probs': (0, None, False, False),
+    'train_size_schedule_spread': (0, None, False, False), 'train_size_random_mix': (0, 1, False, False),
 }
 INT_MINIMA = {'batch_size': 1, 'grad_accum_steps': 1, 'epochs': 1, 'log_interval': 1, 'max_skipped_steps': 1,
               'img_size': 1, 'val_img_size': 1, 'synthetic_steps': 1, 'lr_base_size': 1, 'signal_check_interval': 1,
               'diagnostics_interval': 1, 'num_classes': 1, 'global_batch_size': 1, 'workers': 0, 'seed': 0,
-              'loader_timeout': 1, 'max_image_pixels': 1,
+              'loader_timeout': 1, 'max_image_pixels': 1, 'train_img_sizes': 1,
               'warmup_epochs': 0, 'cooldown_epochs': 0, 'checkpoint_interval': 0, 'recovery_interval': 0,
               'pgt_start_epoch': 0, 'stop_after_epoch': 0, 'decay_milestones': 0, 'diagnostics_layers': 0}
 
@@ -446,10 +459,36 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.pgt_impl == 'hook' and (args.mixup or args.cutmix):
         raise UsageError(f'{_where(args, "pgt_impl")}: the published hook builds its targets from class indices; it '
                          f'never saw mixup or cutmix')
+    check_train_sizes(args)
     if args.schedule_origin == 'fork' and args.sched_on_updates:
         raise UsageError(f'{_where(args, "schedule_origin")}: fork steps the schedule once per epoch, as the published '
                          f'code did; --sched-on-updates steps it every update')
     return args
+
+
+def train_image_sizes(args: argparse.Namespace) -> list[int]:
+    """The sizes training batches are cropped to."""
+    return list(getattr(args, 'train_img_sizes', None) or [args.img_size])
+
+
+def check_train_sizes(args: argparse.Namespace) -> None:
+    """--train-img-sizes where this suite has them: in the torch backend's ImageNet folders (the size is attached
+    to each sample by pgt.data.ShardedSampler; a DALI pipeline's crop size is fixed when it is built), with one
+    weight per size, and two sizes at least for a progressive schedule (timm's rules, said with the recipe key)."""
+    if not args.train_img_sizes:
+        return
+    where = _where(args, 'train_img_sizes')
+    if args.data_backend != 'torch' or args.dataset != 'imagefolder':
+        raise UsageError(f'{where}: scheduled training sizes need --data-backend torch on ImageNet-layout folders, '
+                         f'not --data-backend {args.data_backend} --dataset {args.dataset}')
+    if args.train_size_probs is not None and len(args.train_size_probs) != len(args.train_img_sizes):
+        raise UsageError(f'{_where(args, "train_size_probs")}: {len(args.train_size_probs)} weight(s) for '
+                         f'{len(args.train_img_sizes)} size(s) {args.train_img_sizes}')
+    if args.train_size_probs is not None and not sum(args.train_size_probs) > 0:
+        raise UsageError(f'{_where(args, "train_size_probs")}: the weights sum to 0')
+    if args.train_size_schedule == 'progressive' and len(args.train_img_sizes) < 2:
+        raise UsageError(f'{where}: a progressive schedule moves between sizes and needs two at least, got '
+                         f'{args.train_img_sizes}')
 
 
 def resolve_device_settings(args: argparse.Namespace, device) -> None:

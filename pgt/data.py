@@ -16,11 +16,12 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import ScheduledBatchSampler, ScheduledTransformDataset, create_transform
 from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
@@ -142,14 +143,15 @@ class ShardedSampler(Sampler):
     the permutation by repeating its start until it divides by the world size (as DistributedSampler does: each rank
     then runs the same number of steps); validation (``pad=False``) shards without padding, so that every image is
     evaluated exactly once over all ranks. ``set_epoch(epoch, skip_batches)`` drops the batches a run already did.
-    With ``seed_samples`` it yields (index, per-sample seed) pairs for SeededSamples.
+    With ``batch_choices`` (a TrainSizes) each index becomes (index, its batch's size choice), for timm's
+    ScheduledTransformDataset; with ``seed_samples`` each key then becomes (key, per-sample seed) for SeededSamples.
     """
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
-                 pad: bool = True, batch_size: int = 1, seed_samples: bool = False):
+                 pad: bool = True, batch_size: int = 1, seed_samples: bool = False, batch_choices=None):
         self.size, self.rank, self.world_size = size, rank, world_size
         self.shuffle, self.seed, self.pad, self.batch_size = shuffle, seed, pad, batch_size
-        self.seed_samples = seed_samples
+        self.seed_samples, self.batch_choices = seed_samples, batch_choices
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0):
@@ -163,14 +165,18 @@ class ShardedSampler(Sampler):
         if self.pad:
             total = math.ceil(self.size / self.world_size) * self.world_size
             order += order[:total - len(order)]
-        return order[self.rank::self.world_size][self.skip:]
+        return order[self.rank::self.world_size]
 
     def __iter__(self):
         indices = self._indices()
+        keys = indices
+        if self.batch_choices is not None:
+            choices = self.batch_choices(self.epoch)  # one per full batch; the last, partial one is dropped
+            keys = [(i, choices[min(n // self.batch_size, len(choices) - 1)]) for n, i in enumerate(indices)]
         if self.seed_samples:
             base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-            return iter([(i, (base + i) % 2 ** 63) for i in indices])
-        return iter(indices)
+            keys = [(key, (base + i) % 2 ** 63) for key, i in zip(keys, indices)]
+        return iter(keys[self.skip:])
 
     def __len__(self):
         per_rank = math.ceil(self.size / self.world_size) if self.pad else len(range(self.rank, self.size,
@@ -178,11 +184,49 @@ class ShardedSampler(Sampler):
         return max(per_rank - self.skip, 0)
 
 
-def build_transform(args, training: bool):
+class TrainSizes:
+    """timm's scheduled training resolutions (``--train-img-sizes``, timm.data.ScheduledBatchSampler): the size each
+    training batch of an epoch is cropped to, as an index into ``sizes``.
+
+    ``constant`` draws every batch's size from the weights (--train-size-probs); ``progressive`` moves the draw from
+    the first size to the last over --epochs: at epoch e its centre is at choice e / (epochs - 1) x (n - 1), spread
+    by --train-size-schedule-spread choices, with --train-size-random-mix of uniform draws. With spread 0 and mix 0
+    each epoch trains at the one size nearest the centre (FFCV's progressive resizing, in steps).
+
+    timm's sampler draws one choice per batch of its own; here it is run over the batch numbers (batches of one) so
+    that it hands the choice of each of ShardedSampler's batches, which stay resumable at any batch. The draws depend
+    only on (seed, epoch): every rank and every restart crops a batch to the same size.
+    """
+
+    def __init__(self, args, batches: int):
+        self.sizes = list(args.train_img_sizes)
+        progressive = args.train_size_schedule == 'progressive'
+        self._schedule = ScheduledBatchSampler(
+            range(max(batches, 1)), batch_sizes=[1] * len(self.sizes), choice_weights=args.train_size_probs,
+            seed=args.seed, drop_last=True, choice_schedule=args.train_size_schedule,
+            schedule_epochs=args.epochs if progressive else None, schedule_spread=args.train_size_schedule_spread,
+            schedule_random_mix=args.train_size_random_mix)
+
+    def __call__(self, epoch: int) -> list[int]:
+        """The size choice of each batch of ``epoch``, in batch order."""
+        self._schedule.set_epoch(epoch)
+        return [batch[0][1] for batch in self._schedule]
+
+    def describe(self, epoch: int) -> str:
+        """'160 px' or '160 px x 30 batches, 192 px x 10 batches': what ``epoch`` trains at."""
+        counts = Counter(self.sizes[choice] for choice in self(epoch))
+        if len(counts) == 1:
+            return f'{next(iter(counts))} px'
+        return ', '.join(f'{size} px x {count} batches' for size, count in sorted(counts.items()))
+
+
+def build_transform(args, training: bool, size: int | None = None):
     """timm's ImageNet transforms with every setting explicit (the paper recipes differ from timm's defaults),
-    ending in a uint8 CHW tensor: normalisation happens on the device (``use_prefetcher``, as timm's loader)."""
+    ending in a uint8 CHW tensor: normalisation happens on the device (``use_prefetcher``, as timm's loader).
+    ``size``: the training crop (default --img-size)."""
     if training:
-        return create_transform(args.img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        return create_transform(size or args.img_size, is_training=True, scale=tuple(args.scale),
+                                ratio=tuple(args.ratio),
                                 hflip=args.hflip, color_jitter=args.color_jitter or None,
                                 interpolation=args.train_interpolation, use_prefetcher=True)
     return create_transform(args.val_img_size or args.img_size, is_training=False, interpolation=args.interpolation,
@@ -259,10 +303,10 @@ def _counting(dataset):
     return dataset if isinstance(dataset, ImageFolderWithRecovery) else None
 
 
-def _split_loader(loader: DataLoader, dataset) -> SplitLoader:
+def _split_loader(loader: DataLoader, dataset, sizes: TrainSizes | None = None) -> SplitLoader:
     folder = _counting(dataset)
     return SplitLoader(loader, list(dataset.classes), len(dataset), folder.index if folder is not None else None,
-                       folder)
+                       folder, sizes)
 
 
 def torch_val_loader(args, rank: int, world_size: int, device: torch.device, split: str = 'val',
@@ -276,10 +320,15 @@ def torch_val_loader(args, rank: int, world_size: int, device: torch.device, spl
 
 def torch_train_loader(args, rank: int, world_size: int, device: torch.device,
                        index: ImageIndex | None = None) -> SplitLoader:
-    """The training loader, resumable at any batch."""
+    """The training loader, resumable at any batch; with --train-img-sizes, each batch at its scheduled size."""
     dataset = _split_dataset(args, 'train', rank, index)
     sampler = ShardedSampler(len(dataset), rank, world_size, shuffle=True, seed=args.seed, pad=True,
                              batch_size=args.batch_size, seed_samples=True)
-    loader = DataLoader(SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
+    samples, sizes = dataset, None
+    if getattr(args, 'train_img_sizes', None):
+        sizes = sampler.batch_choices = TrainSizes(args, len(sampler) // args.batch_size)
+        dataset.transform = None  # the crop is the scheduled transform's, chosen per sample key
+        samples = ScheduledTransformDataset(dataset, [build_transform(args, True, size) for size in sizes.sizes])
+    loader = DataLoader(SeededSamples(samples), batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         **_loader_options(args, device))
-    return _split_loader(loader, dataset)
+    return _split_loader(loader, dataset, sizes)

@@ -219,3 +219,4 @@ class SplitLoader:
     images: int  # in the whole split, over all ranks
     index: ImageIndex | None = None  # the images it reads (ImageNet-layout folders)
     counting: object = None  # the torch backend's dataset, which counts unreadable images
+    sizes: object = None  # training with --train-img-sizes: the size schedule (pgt.data.TrainSizes)

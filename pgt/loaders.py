@@ -21,6 +21,7 @@ import torch
 from timm.data.loader import PrefetchLoader
 
 from .checkpoint import CheckpointWriteError, write_atomic
+from .config import train_image_sizes
 from .data import ShardedSampler, torch_train_loader, torch_val_loader
 from .distributed import computed_on_main
 from .errors import UsageError
@@ -41,6 +42,7 @@ class Loaders:
     train_dataset: object = None  # the torch backend's, which counts unreadable images
     indexes: dict[str, ImageIndex] = field(default_factory=dict)  # the splits' images (ImageNet-layout folders)
     scanned: tuple[str, ...] = ()  # the splits whose index is a new scan, to be saved in the run directory
+    train_sizes: object = None  # --train-img-sizes: each epoch's training sizes (pgt.data.TrainSizes)
 
     @property
     def train_digest(self) -> str | None:
@@ -95,7 +97,7 @@ def check_shared_memory(args, val_img_size: int) -> None:
     change."""
     if args.workers == 0 or not os.path.isdir(SHARED_MEMORY):
         return
-    image = 3 * max(args.img_size, val_img_size) ** 2  # uint8 CHW
+    image = 3 * max(*train_image_sizes(args), val_img_size) ** 2  # uint8 CHW
     ranks = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     needed = ranks * args.workers * PREFETCH_FACTOR * args.batch_size * (image + 8)
     free = shutil.disk_usage(SHARED_MEMORY).free
@@ -193,4 +195,4 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device, index_
                          f'rank over {world_size} rank(s)')
     return Loaders(device_loader(train.loader, args, device), device_loader(val.loader, args, device), train.classes,
                    train.images, val.images, train.counting, {split: index for split, (index, _) in indexes.items()},
-                   tuple(split for split, (_, new) in indexes.items() if new))
+                   tuple(split for split, (_, new) in indexes.items() if new), train.sizes)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import finalize_args, parse_config, resolve_device_settings
+from .config import finalize_args, parse_config, resolve_device_settings, train_image_sizes
 from .errors import CliParser, UsageError, run_cli
 
 IMAGENET = {'classes': 1000, 'train': 1_281_167, 'val': 50_000}
@@ -252,7 +252,8 @@ def measure_step(args, device, steps: int) -> float:
                                                        check_targets=device.type != 'cuda'),
                           build_optimizer(model, args, device), make_scaler(device, amp), amp,
                           channels_last=args.channels_last)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    size = max(train_image_sizes(args))  # the largest batch is the slowest
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     batch = (images, torch.randint(0, 1000, (args.batch_size,), device=device))
@@ -299,7 +300,8 @@ def throughput_checks(args, device, quick: bool, train_images: int) -> tuple[lis
         measured = argparse.Namespace(**{**vars(args), 'batch_size': CPU_BATCH})
         note = f"; batch {CPU_BATCH}, not the recipe's {args.batch_size}: a CPU measures at a small batch"
     step_check, step = _measured('speed: training step', lambda: measure_step(measured, device, 3 if quick else 20),
-                                 f'({args.model}, batch {measured.batch_size}, {args.img_size} px, on {device}{note})')
+                                 f'({args.model}, batch {measured.batch_size}, {max(train_image_sizes(args))} px, on '
+                                 f'{device}{note})')
     loader_check, loader = _measured('speed: loader', lambda: measure_loader(measured, device, 3 if quick else 20),
                                      f'({args.data_backend} backend, {args.workers} workers)')
     rates = {name: rate for name, rate in (('step', step), ('loader', loader)) if rate}

@@ -53,8 +53,7 @@ TIMM_ONLY_OPTIONS: dict[str, TimmOption] = {
     **_options(True, naflex_loader=False, naflex_loss_scale='linear', naflex_max_seq_len=576,
                naflex_patch_size_probs=None, naflex_patch_sizes=None, naflex_patchify_channels_first=False,
                naflex_train_seq_lens=[128, 256, 576, 784, 1024], variable_batch_loss_scale='none',
-               train_batch_sizes=None, train_batches_per_epoch=None, train_img_sizes=None, train_size_probs=None,
-               train_size_random_mix=0.1, train_size_schedule='constant', train_size_schedule_spread=0.65),
+               train_batch_sizes=None, train_batches_per_epoch=None),
     # evaluation: which checkpoint is best, test-time augmentation
     **_options(True, eval_metric='top1', tta=0),
     # machinery: loaders, checkpoint history, logging, devices

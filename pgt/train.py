@@ -250,6 +250,8 @@ def train_epoch(run: Training, epoch: int, skip: int, meters: EpochMeters | None
     alpha = args.pgt_alpha if args.pgt_alpha is not None and epoch >= args.pgt_start_epoch else 1.0
     run.parts.loss_fn.alpha = alpha
     run.loaders.train.sampler.set_epoch(epoch, skip * args.grad_accum_steps)
+    if run.loaders.train_sizes is not None:
+        log.info('epoch %d trains at %s', epoch, run.loaders.train_sizes.describe(epoch))
     run.runlog.start_epoch(epoch, run.num_epochs, run.steps_per_epoch, skip)
     if dataset is not None:
         dataset.reset_unreadable()

@@ -14,9 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pgt import PowerGradCrossEntropy
 from pgt.errors import run_cli
@@ -274,6 +276,16 @@ def poisoned_loss(monkeypatch):
     yield steps
     for s, handler in handlers.items():
         signal.signal(s, handler)
+
+
+def loader_args(data_dir, **overrides) -> SimpleNamespace:
+    """The data settings of the smoke recipe at batch 8, seed 3, in this process (--workers 0): what pgt.loaders
+    needs to build a run's loaders without a run."""
+    base = dict(data_dir=str(data_dir), data_backend='torch', dataset='imagefolder', batch_size=8, workers=0, seed=3,
+                img_size=32, val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
+                scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, strict_data=False,
+                channels_last=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD))
+    return SimpleNamespace(**{**base, **overrides})
 
 
 def lr_curve(args) -> list[float]:

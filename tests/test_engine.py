@@ -10,8 +10,9 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 
+from conftest import loader_args
 import pgt.checkpoint as checkpoint
 from pgt import PowerGradCrossEntropy
 from pgt.config import auto_amp_dtype, resolve_device_settings
@@ -126,14 +127,6 @@ def test_every_image_of_the_epoch_is_counted_under_accumulation():
 
 
 # ---- uint8 batches, normalised on the device
-
-def loader_args(data_dir, **overrides):
-    base = dict(data_dir=str(data_dir), data_backend='torch', dataset='imagefolder', batch_size=8, workers=0, seed=3,
-                img_size=32, val_img_size=32, crop_pct=0.875, interpolation='bilinear', train_interpolation='bilinear',
-                scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.0, strict_data=False,
-                channels_last=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD))
-    return SimpleNamespace(**{**base, **overrides})
-
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_torch_backend_batches_equal_the_float_pipeline(tiny_data, channels_last):

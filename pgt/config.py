@@ -324,10 +324,16 @@ def resolved_config(args: argparse.Namespace, provenance: bool = True) -> dict:
 def config_changes(saved: dict, current: dict, saved_world_size: int, world_size: int) -> list[str]:
     """What would make a resumed run train something other than the run it continues: every option outside
     OPERATIONAL_KEYS (and --amp-dtype when neither run uses --amp), and the global batch. Returns 'name: old -> new'
-    entries."""
+    entries.
+
+    An option the saved configuration does not have came with a later version of the suite than the run's: the run
+    trained as its default does (a new option's default keeps the old behaviour), so it compares as that default,
+    and updating the suite does not stop a run from resuming."""
     ignored = set(OPERATIONAL_KEYS)
     if not saved.get('amp') and not current.get('amp'):
         ignored.add('amp_dtype')  # resolved from 'auto' by the device, and unused without --amp
+    defaults = {action.dest: action.default for action in build_parser()._actions}
+    saved = {**{key: defaults[key] for key in current if key not in saved and key in defaults}, **saved}
     changes = [f'{key}: {saved.get(key)} -> {current.get(key)}' for key in sorted(set(saved) | set(current))
                if key not in ignored and saved.get(key) != current.get(key)]
 

@@ -57,6 +57,25 @@ def test_resume_refuses_another_configuration_unless_asked(run_copy, tiny_data):
     assert 'continuing' in result.stderr and 'lr: 0.1 -> 0.2' in result.stderr
 
 
+def test_a_run_of_an_earlier_version_resumes_without_the_options_added_since(run_copy, tiny_data):
+    """A checkpoint whose configuration predates --schedule-origin, --pgt-impl and --train-img-sizes resumes: the
+    run trained as their defaults do. Setting one away from its default is still a change."""
+    path = run_copy / 'recovery.pth'
+    (run_copy / 'last.pth').unlink()
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    added = ('schedule_origin', 'pgt_impl', 'train_img_sizes', 'train_size_probs', 'train_size_schedule',
+             'train_size_schedule_spread', 'train_size_random_mix')
+    assert set(added) - {'train_img_sizes', 'train_size_probs'} <= set(state['args'])  # None values are not saved
+    state['args'] = {key: value for key, value in state['args'].items() if key not in added}
+    torch.save(state, path)
+    changed = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto',
+                       '--pgt-impl', 'hook')
+    assert one_line_error(changed.stderr).endswith('(pgt_impl: exact -> hook); pass --allow-config-change to continue '
+                                                   'it anyway, or --output elsewhere for a new run')
+    result = run_main('train.py', *BASE, '--data-dir', tiny_data, '--output', run_copy, '--resume', 'auto', check=True)
+    assert f'resuming from {path}' in result.stderr and 'changed configuration' not in result.stderr
+
+
 def test_overwrite_removes_the_old_run_so_a_crash_cannot_resume_it(run_copy, tiny_data):
     """--overwrite with a new configuration, killed before its first checkpoint: --resume auto then starts the new
     run from scratch, rather than continuing the old run's recovery.pth under the new configuration."""

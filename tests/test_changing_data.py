@@ -82,11 +82,17 @@ def test_a_class_folder_without_images_is_a_warning_and_in_val_with_strict_data_
         f'error: {data}/val: 1 class folder(s) without images: n00000099 (--strict-data)')
 
 
-def test_a_mid_epoch_resume_on_a_training_set_that_changed_is_refused(straight_run, tiny_data, tmp_path):
+def data_with_one_image_added(tiny_data, tmp_path):
+    """A copy of the tiny set with one more training image (321 instead of 320)."""
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
     first = sorted((data / 'train' / 'n00000000').glob('*.JPEG'))[0]
     shutil.copy(first, first.with_name('added.JPEG'))
+    return data
+
+
+def test_a_mid_epoch_resume_on_a_training_set_that_changed_is_refused(straight_run, tiny_data, tmp_path):
+    data = data_with_one_image_added(tiny_data, tmp_path)
     run_dir = copy_run(straight_run, tmp_path / 'run')
     (run_dir / 'last.pth').unlink()  # recovery.pth: epoch 1 step 9 of 10
     before = file_digests(run_dir)
@@ -99,10 +105,7 @@ def test_a_mid_epoch_resume_on_a_training_set_that_changed_is_refused(straight_r
 
 
 def test_at_an_epoch_end_a_changed_training_set_is_a_warning(first_epoch_run, tiny_data, tmp_path):
-    data = tmp_path / 'data'
-    shutil.copytree(tiny_data, data)
-    first = sorted((data / 'train' / 'n00000000').glob('*.JPEG'))[0]
-    shutil.copy(first, first.with_name('added.JPEG'))
+    data = data_with_one_image_added(tiny_data, tmp_path)
     run_dir = copy_run(first_epoch_run, tmp_path / 'run')
     (run_dir / 'recovery.pth').unlink()  # last.pth: the end of epoch 0
     result = run_main('train.py', *BASE, '--data-dir', data, '--output', run_dir, '--resume', 'auto', check=True)

@@ -332,8 +332,8 @@ def config_changes(saved: dict, current: dict, saved_world_size: int, world_size
     ignored = set(OPERATIONAL_KEYS)
     if not saved.get('amp') and not current.get('amp'):
         ignored.add('amp_dtype')  # resolved from 'auto' by the device, and unused without --amp
-    defaults = {action.dest: action.default for action in build_parser()._actions}
-    saved = {**{key: defaults[key] for key in current if key not in saved and key in defaults}, **saved}
+    parser = build_parser()
+    saved = {**{key: parser.get_default(key) for key in current if key not in saved}, **saved}
     changes = [f'{key}: {saved.get(key)} -> {current.get(key)}' for key in sorted(set(saved) | set(current))
                if key not in ignored and saved.get(key) != current.get(key)]
 

@@ -226,8 +226,7 @@ def build_transform(args, training: bool, size: int | None = None):
     ``size``: the training crop (default --img-size)."""
     if training:
         return create_transform(size or args.img_size, is_training=True, scale=tuple(args.scale),
-                                ratio=tuple(args.ratio),
-                                hflip=args.hflip, color_jitter=args.color_jitter or None,
+                                ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter or None,
                                 interpolation=args.train_interpolation, use_prefetcher=True)
     return create_transform(args.val_img_size or args.img_size, is_training=False, interpolation=args.interpolation,
                             crop_pct=args.crop_pct, use_prefetcher=True)

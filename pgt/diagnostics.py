@@ -153,9 +153,10 @@ def count_zeroed_filters(norms: dict[str, torch.Tensor], eps: float = ZERO_FILTE
     return {name: int((n < eps).sum()) for name, n in norms.items()}
 
 
-def weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The weight layers as the papers number them: parameters with more than one dimension, in parameter order."""
-    return [(name, p) for name, p in model.named_parameters() if p.dim() > 1]
+def weight_layers(named_tensors) -> list[tuple[str, torch.Tensor]]:
+    """The weight layers as the papers number them: of a model's ``named_parameters()`` (or a checkpoint's state
+    dict, in the same order), the tensors with more than one dimension."""
+    return [(name, p) for name, p in named_tensors if p.dim() > 1]
 
 
 @torch.no_grad()
@@ -172,7 +173,7 @@ def dead_pooled_features(model: nn.Module, images: torch.Tensor) -> int:
 
 def series_layers(model: nn.Module, layers) -> dict[str, str]:
     """{'layer<k>': parameter name} for the weight layers of ``layers``; a number the model lacks is an error."""
-    named = weight_layers(model)
+    named = weight_layers(model.named_parameters())
     if any(k >= len(named) for k in layers):
         raise UsageError(f'--diagnostics-layers: {model.__class__.__name__} has weight layers 0-{len(named) - 1}, '
                          f'got {", ".join(map(str, layers))}')

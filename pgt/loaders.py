@@ -10,6 +10,7 @@ batch on a CUDA stream where there is a GPU).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -44,8 +45,9 @@ class Loaders:
     scanned: tuple[str, ...] = ()  # the splits whose index is a new scan, to be saved in the run directory
     train_sizes: object = None  # --train-img-sizes: each epoch's training sizes (pgt.data.TrainSizes)
 
-    @property
+    @functools.cached_property
     def train_digest(self) -> str | None:
+        # hashed once: at ImageNet's size a digest reads some 50 MB, and the start-up and the resume check ask for it
         return self.indexes['train'].digest() if 'train' in self.indexes else None
 
     @property

@@ -43,7 +43,7 @@ import yaml
 from .errors import CliParser, UsageError, run_cli
 from .optim import total_epochs
 from .paper import TABLES, PaperRun, experiments, paper_runs, seed_runs
-from .diagnostics import ZERO_FILTER_EPS
+from .diagnostics import ZERO_FILTER_EPS, weight_layers
 from .plots import (accuracy_curves_figure, alpha_sweep_figure, filter_norms_figure, grid_figure, save_figure,
                     zeroed_filters_figure)
 from .runlog import read_summary
@@ -86,7 +86,14 @@ class RowResult:
     classes: int | None
     expected_classes: int | None  # None: a run that is not a row of the papers
     dirs: dict[int, Path]  # {seed: run directory}
-    setup: str  # how it was trained where the published code differs: transform, schedule origin, peak lr
+    config: dict  # the first seed's config.yaml
+
+    @property
+    def setup(self) -> str:
+        """How it was trained where the published code differs: transform, schedule origin, peak lr."""
+        lr = self.config.get('lr')
+        return (f"{self.config.get('pgt_impl', 'exact')}, {self.config.get('schedule_origin', 'timm')}"
+                + (f', lr {lr:g}' if isinstance(lr, (int, float)) else ''))
 
     def final(self, key: str) -> dict[int, float]:
         return {seed: float(rows[-1][key]) for seed, rows in self.seeds.items()}
@@ -123,12 +130,10 @@ class RowResult:
 
 def row_result(run: PaperRun, source: str, dirs: dict[int, Path], expected_classes: int | None) -> RowResult:
     """A row's result from its seeds' run directories ({seed: folder}); its planned length from its recipe."""
-    config = yaml.safe_load((next(iter(dirs.values())) / 'config.yaml').read_text()) or {}
-    setup = (f"{config.get('pgt_impl', 'exact')}, {config.get('schedule_origin', 'timm')}"
-             + (f", lr {config['lr']:g}" if isinstance(config.get('lr'), (int, float)) else ''))
+    config = yaml.safe_load((dirs[min(dirs)] / 'config.yaml').read_text()) or {}
     return RowResult(run, source, {seed: read_summary(folder) for seed, folder in dirs.items()},
                      config.get('model', '?'), 1.0 if config.get('pgt_alpha') is None else float(config['pgt_alpha']),
-                     total_epochs(run.args()), config.get('num_classes'), expected_classes, dirs, setup)
+                     total_epochs(run.args()), config.get('num_classes'), expected_classes, dirs, config)
 
 
 def collect(runs: list[PaperRun], runs_dir: Path) -> dict[str, RowResult]:
@@ -321,8 +326,7 @@ def sweep_points(results: dict[str, RowResult]) -> dict[str, dict[float, dict]]:
     for the figures against alpha (Fig. 2 and Fig. 6) drawn from every run, grid searches or not."""
     groups: dict[str, dict[float, dict]] = {}
     for result in results.values():
-        config = yaml.safe_load((result.first_dir / 'config.yaml').read_text()) or {}
-        key = f"{result.model}, {config.get('sched', '?')}, {result.planned_epochs} epochs"
+        key = f"{result.model}, {result.config.get('sched', '?')}, {result.planned_epochs} epochs"
         values = {name: result.final_mean(column) for name, column in (
             ('train', 'train_top1'), ('test', 'eval_top1'), ('loss', 'eval_loss'), ('logit_norm', 'eval_logit_norm'))}
         groups.setdefault(key, {}).setdefault(result.alpha, values)  # a run shared by several rows counts once
@@ -354,8 +358,7 @@ def second_layer_norms(run_dir: Path) -> tuple[str, np.ndarray] | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
-    weights = [(name, tensor) for name, tensor in state.items() if name.endswith('weight') and tensor.dim() > 1]
-    name, weight = weights[1]
+    name, weight = weight_layers(state.items())[1]
     return name, weight.float().flatten(1).norm(dim=1).numpy()
 
 

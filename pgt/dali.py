@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError, UsageError
-from .folders import ImageIndex, SplitLoader, check_class_folders, check_split, scan_image_folder
+from .folders import ImageIndex, SplitLoader, split_index
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,6 @@ class FileList:
     def shard(self, rank: int, world_size: int) -> tuple[int, int]:
         """The [start, stop) of DALI's reader shard ``rank`` (contiguous, as its file reader splits the list)."""
         return len(self) * rank // world_size, len(self) * (rank + 1) // world_size
-
-
-def split_index(args, split: str) -> ImageIndex:
-    """The split's images exactly as the torch backend lists and labels them (pgt.folders.scan_image_folder)."""
-    index = scan_image_folder(check_split(args.data_dir, split))
-    check_class_folders(index, getattr(args, 'strict_data', False))
-    return index
 
 
 def first_undecodable(files: list[str]) -> tuple[str, str] | None:
@@ -270,7 +263,7 @@ def dali_val_loader(args, rank: int, world_size: int, device: torch.device, spli
                     index: ImageIndex | None = None) -> SplitLoader:
     """The evaluation pipeline, every image once over the ranks."""
     gpu, device_id = _dali_setup(args, device)
-    index = index if index is not None else split_index(args, split)
+    index = split_index(args, split, index)
     files = FileList(index, np.arange(len(index)))
     loader = DaliLoader(_build_pipeline(False, files, args, rank, world_size, gpu, device_id), training=False,
                         steps=None, files=files, shard=files.shard(rank, world_size), batch_size=args.batch_size)
@@ -281,7 +274,7 @@ def dali_train_loader(args, rank: int, world_size: int, device: torch.device,
                       index: ImageIndex | None = None) -> SplitLoader:
     """The training pipeline, the same number of full batches on every rank."""
     gpu, device_id = _dali_setup(args, device)
-    index = index if index is not None else split_index(args, 'train')
+    index = split_index(args, 'train', index)
     files = FileList(index, training_order(len(index), args.seed, world_size))
     steps = len(files) // world_size // args.batch_size
     if steps == 0:  # no full batch: pgt.loaders refuses the run, and a pipeline would only be built to be dropped

@@ -29,7 +29,7 @@ from torchvision.datasets import CIFAR10
 
 from .distributed import barrier
 from .errors import DataError, UsageError
-from .folders import ImageIndex, SplitLoader, check_class_folders, check_split, scan_image_folder
+from .folders import ImageIndex, SplitLoader, split_index
 from .preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,7 @@ def build_dataset(args, split: str, index: ImageIndex | None = None) -> ImageFol
     """The split's dataset over ``index`` (pgt.loaders shares one scan among the ranks and restarts), or over a
     scan of its own."""
     training = split == 'train'
-    index = index if index is not None else scan_image_folder(check_split(args.data_dir, split))
-    check_class_folders(index, args.strict_data)
+    index = split_index(args, split, index)
     return ImageFolderWithRecovery(index, build_transform(args, training), replace=training, strict=args.strict_data,
                                    image_size=args.img_size if training else args.val_img_size or args.img_size,
                                    max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS))

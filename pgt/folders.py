@@ -202,6 +202,14 @@ def check_class_folders(index: ImageIndex, strict: bool) -> None:
     log.warning(text)
 
 
+def split_index(args, split: str, index: ImageIndex | None = None) -> ImageIndex:
+    """The images of ``split`` as every backend lists and labels them: ``index`` where pgt.loaders has it (read
+    back or scanned once per run), else a scan; its class folders checked either way (check_class_folders)."""
+    index = index if index is not None else scan_image_folder(check_split(args.data_dir, split))
+    check_class_folders(index, getattr(args, 'strict_data', False))
+    return index
+
+
 def check_same_classes(found: list[str], expected: list[str], where: str, expected_from: str) -> None:
     """A model evaluated on class folders other than those it was trained on reports a meaningless top-1: refuse."""
     if found != expected:

@@ -77,9 +77,11 @@ def test_a_class_folder_without_images_is_a_warning_and_in_val_with_strict_data_
                       '--cooldown-epochs', 0, '--pgt-start-epoch', 0, check=True)
     for split in ('train', 'val'):
         assert f'WARNING {data}/{split}: 1 class folder(s) without images: n00000099' in result.stderr
-    refused = run_main('train.py', *BASE, '--data-dir', data, '--output', tmp_path / 'strict', '--strict-data')
-    assert refused.returncode == 2 and one_line_error(refused.stderr) == (
-        f'error: {data}/val: 1 class folder(s) without images: n00000099 (--strict-data)')
+    for backend in ([], ['--data-backend', 'dali', '--dali-device', 'cpu']):  # each checks the index it is handed
+        refused = run_main('train.py', *BASE, '--data-dir', data, '--output', tmp_path / 'strict', '--strict-data',
+                           *backend)
+        assert refused.returncode == 2 and one_line_error(refused.stderr) == (
+            f'error: {data}/val: 1 class folder(s) without images: n00000099 (--strict-data)')
 
 
 def data_with_one_image_added(tiny_data, tmp_path):

@@ -16,9 +16,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from conftest import (BASE, ROOT, TINY, copy_run, file_digests, one_line_error, read_until, run_main, start_training,
                       user_namespaces_work)
-from pgt.dali import split_index
 from pgt.data import ImageFolderWithRecovery
-from pgt.folders import scan_image_folder
+from pgt.folders import scan_image_folder, split_index
 
 
 
@@ -88,8 +87,8 @@ def test_links_are_not_followed_into_other_classes(linked_tree, caplog):
     assert 'other.JPEG' in caplog.text and '(a loop)' in caplog.text
     dataset = ImageFolderWithRecovery(index, None, replace=True, strict=False, image_size=32)
     assert [dataset[i][1] for i in range(len(dataset))] == [label for _, label in samples]
-    dali_index = split_index(SimpleNamespace(data_dir=linked_tree), 'train')  # the DALI backend's list
-    assert dali_index.samples() == samples and dali_index.classes == classes
+    listed = split_index(SimpleNamespace(data_dir=linked_tree), 'train')  # every backend's list
+    assert listed.samples() == samples and listed.classes == classes
 
 
 # ---- a val/ tree whose classes are not the model's
